@@ -1,0 +1,133 @@
+"""The model list (OpenAI shape), the public catalog with live state, and runtime."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from modelfleet.api.auth import require
+from modelfleet.catalog import ModelKind, ModelSpec
+from modelfleet.errors import ModelNotFound
+from modelfleet.keys import Scope
+from modelfleet.services import Services
+
+ENDPOINTS = {
+    ModelKind.chat: ["/v1/chat/completions", "/v1/completions"],
+    ModelKind.completion: ["/v1/completions"],
+}
+
+
+def _parameters(spec: ModelSpec) -> dict[str, Any]:
+    lim, dft = spec.limits, spec.defaults
+    return {
+        "max_tokens": {"default": dft.max_tokens, "min": 1, "max": lim.max_output_tokens},
+        "temperature": {"default": dft.temperature, "min": 0.0, "max": 2.0},
+        "top_p": {"default": dft.top_p, "min": 0.0, "max": 1.0},
+        "n": {"default": 1, "min": 1, "max": lim.max_n},
+        "stop": {"max_sequences": lim.max_stop},
+        "messages": {"max": lim.max_messages},
+        "prompts": {"max": lim.max_prompts},
+        "context_length": lim.context_length,
+        "stream": {"allowed": spec.capabilities.streaming},
+    }
+
+
+class CatalogView:
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.created = int(
+            services.catalog.source.stat().st_mtime if services.catalog.source else time.time()
+        )
+
+    def runtime(self, spec: ModelSpec) -> dict[str, Any]:
+        pool = self.services.fleet.pools[spec.id]
+        queue = self.services.scheduler.queue(spec.id)
+        state = pool.describe()
+        state["queued"] = queue.waiting
+        state["in_flight"] = sum(r.outstanding for r in pool.replicas)
+        return state
+
+    def entry(self, spec: ModelSpec) -> dict[str, Any]:
+        return {
+            "model": spec.id,
+            "aliases": list(spec.aliases),
+            "kind": spec.kind.value,
+            "description": spec.description,
+            "owned_by": spec.owned_by,
+            "backend": spec.backend,
+            "endpoints": ENDPOINTS[spec.kind],
+            "parameters": _parameters(spec),
+            "capabilities": spec.capabilities.model_dump(),
+            "scaling": spec.scaling.model_dump(),
+            "pricing": {
+                "unit": "micro-units per million tokens",
+                "input_per_million_tokens": spec.prices.input_per_million,
+                "output_per_million_tokens": spec.prices.output_per_million,
+            },
+            "runtime": self.runtime(spec),
+            "recent_summary_stats": self.services.scheduler.queue(spec.id).stats.summary(),
+        }
+
+    def openai_model(self, spec: ModelSpec) -> dict[str, Any]:
+        return {"id": spec.id, "object": "model", "created": self.created, "owned_by": spec.owned_by}
+
+
+def router(services: Services) -> APIRouter:
+    api = APIRouter()
+    view = CatalogView(services)
+    catalog = services.catalog
+
+    @api.get("/v1/models", tags=["models"])
+    async def list_models(request: Request) -> dict[str, Any]:
+        await require(services.keys, request, None)
+        return {"object": "list", "data": [view.openai_model(s) for s in catalog]}
+
+    @api.get("/v1/models/{model_id:path}", tags=["models"])
+    async def get_model(model_id: str, request: Request) -> dict[str, Any]:
+        await require(services.keys, request, None)
+        spec = catalog.resolve(model_id)
+        if spec is None:
+            raise ModelNotFound(f"model {model_id!r} does not exist", param="model")
+        return view.openai_model(spec)
+
+    @api.get("/v1/inference/models", tags=["catalog"])
+    async def inference_models() -> dict[str, Any]:
+        """The public catalog: limits, defaults, prices, live state and recent stats."""
+        out: dict[str, Any] = {"object": "catalog", "text": []}
+        for kind in ModelKind:
+            out[kind.value] = []
+        for spec in catalog:
+            entry = view.entry(spec)
+            out["text"].append(entry)
+            out[spec.kind.value].append(entry)
+        return out
+
+    @api.get("/v1/inference/runtime/models", tags=["catalog"])
+    async def runtime_models() -> dict[str, Any]:
+        rows = []
+        for spec in catalog:
+            state = view.runtime(spec)
+            rows.append({"model": spec.id, "kind": spec.kind.value, **state})
+        return {"text": rows}
+
+    @api.get("/v1/admin/replicas", tags=["admin"])
+    async def replicas(request: Request) -> dict[str, Any]:
+        """Every replica with its process, port and load (admin scope)."""
+        await require(services.keys, request, Scope.admin)
+        rows = []
+        for model_id, pool in services.fleet.pools.items():
+            for r in pool.replicas:
+                rows.append({
+                    "id": r.id, "model": model_id, "state": r.state.value, "pid": r.pid,
+                    "url": r.base_url, "slots": r.slots, "outstanding": r.outstanding,
+                    "served": r.served,
+                })
+            rows.extend([])
+        events = [
+            e.__dict__ for pool in services.fleet.pools.values() for e in pool.events
+        ]
+        return {"replicas": rows, "scale_events": events}
+
+    return api

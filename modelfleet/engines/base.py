@@ -1,0 +1,53 @@
+"""The small interface every engine implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from modelfleet.catalog import ModelSpec
+
+
+class ModelFileMissing(Exception):
+    """The model's weights are not on this machine; the message says what to install."""
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    health_path: str = "/health"
+
+
+class Engine(ABC):
+    """Launches one kind of worker and adapts request bodies for it."""
+
+    backend: str
+
+    def __init__(self, spec: ModelSpec, models_dir: Path) -> None:
+        self.spec = spec
+        self.models_dir = models_dir
+
+    @abstractmethod
+    def check(self) -> None:
+        """Raise ModelFileMissing if a replica could not start for lack of files."""
+
+    @abstractmethod
+    def launch(self, port: int) -> LaunchPlan:
+        """The command that serves this model on 127.0.0.1:port."""
+
+    def adapt(self, payload: dict[str, Any], metadata: dict[str, Any] | None) -> dict[str, Any]:
+        """The worker's body from a validated request (engines may lift metadata keys)."""
+        if metadata is not None:
+            payload["metadata"] = metadata
+        return payload
+
+
+def engine_for(spec: ModelSpec, models_dir: Path, llama_server: Path | None = None) -> Engine:
+    from modelfleet.engines.llamacpp import LlamaCppEngine
+
+    if spec.engine.type == "llama.cpp":
+        return LlamaCppEngine(spec, models_dir, binary=llama_server)
+    raise ValueError(f"unknown engine {spec.engine.type!r}")  # pragma: no cover

