@@ -184,11 +184,10 @@ def _describe(path: Path, raw: object, exc: ValidationError) -> str:
     lines = [f"{path}: invalid catalog"]
     for err in exc.errors():
         loc = list(err["loc"])
-        where = _where(raw, loc)
         if err["type"] == "extra_forbidden":
-            lines.append(f"  {where}: unknown key {loc[-1]!r}")
+            lines.append(f"  {_where(raw, loc[:-1])}: unknown key {loc[-1]!r}")
         else:
-            lines.append(f"  {where}: {err['msg']}")
+            lines.append(f"  {_where(raw, loc)}: {err['msg']}")
     return "\n".join(lines)
 
 

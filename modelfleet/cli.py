@@ -139,13 +139,11 @@ def keys_list(
 ) -> None:
     """List keys (prefixes only; keys themselves are never stored)."""
     rows = _with_keys(data_dir, lambda ks: ks.list_keys(project))
-    table = Table("id", "project", "name", "prefix", "scopes", "created", "expires", "revoked",
-                  "last used")
-    for k in rows:
-        table.add_row(k.key_id, k.project_name, k.name, k.prefix + "…", " ".join(k.scopes),
-                      _when(k.created_at), _when(k.expires_at), _when(k.revoked_at),
-                      _when(k.last_used_at))
-    out.print(table)
+    _print_rows(
+        ["id", "project", "name", "prefix", "scopes", "created", "expires", "revoked", "last used"],
+        [[k.key_id, k.project_name, k.name, k.prefix, " ".join(k.scopes), _when(k.created_at),
+          _when(k.expires_at), _when(k.revoked_at), _when(k.last_used_at)] for k in rows],
+    )
 
 
 @keys_app.command("revoke")
@@ -166,10 +164,8 @@ def projects_create(name: str, data_dir: DataDir = None) -> None:
 def projects_list(data_dir: DataDir = None) -> None:
     """List projects."""
     rows = _with_keys(data_dir, lambda ks: ks.list_projects())
-    table = Table("id", "name", "created")
-    for project_id, name, created in rows:
-        table.add_row(project_id, name, _when(created))
-    out.print(table)
+    _print_rows(["id", "name", "created"],
+                [[project_id, name, _when(created)] for project_id, name, created in rows])
 
 
 @models_app.command("list")
@@ -180,13 +176,25 @@ def models_list(catalog: CatalogOpt = None) -> None:
     except CatalogError as exc:
         err.print(f"catalog error: {exc}", markup=False, highlight=False)
         raise typer.Exit(2) from None
-    table = Table("id", "kind", "aliases", "engine", "max output", "replicas", "concurrency")
-    for spec in parsed:
-        table.add_row(spec.id, spec.kind.value, ", ".join(spec.aliases), spec.backend,
-                      str(spec.limits.max_output_tokens),
-                      f"{spec.scaling.min_replicas}-{spec.scaling.max_replicas}",
-                      str(spec.scaling.concurrency))
-    out.print(table)
+    _print_rows(
+        ["id", "kind", "aliases", "engine", "max output", "replicas", "concurrency"],
+        [[spec.id, spec.kind.value, ", ".join(spec.aliases), spec.backend,
+          str(spec.limits.max_output_tokens),
+          f"{spec.scaling.min_replicas}-{spec.scaling.max_replicas}",
+          str(spec.scaling.concurrency)] for spec in parsed],
+    )
+
+
+def _print_rows(headers: list[str], rows: list[list[str]]) -> None:
+    """A table on a terminal; tab-separated lines (header first) for scripts."""
+    if out.is_terminal:
+        table = Table(*headers)
+        for row in rows:
+            table.add_row(*row)
+        out.print(table)
+        return
+    for row in [headers, *rows]:
+        print("\t".join(row))
 
 
 def _when(value: datetime | None) -> str:

@@ -1,0 +1,127 @@
+"""The per-model queue, deterministic: fake replicas (no process), no sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from modelfleet.catalog import load_catalog
+from modelfleet.engines.http import WorkerClient
+from modelfleet.errors import DeadlineExceeded, ModelUnavailable
+from modelfleet.fleet import Fleet
+from modelfleet.scheduler import ModelQueue
+from modelfleet.settings import Settings
+from modelfleet.stats import RecentStats
+from modelfleet.supervisor import Replica, ReplicaState
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def fake_replica(queue: ModelQueue, name: str, slots: int) -> Replica:
+    """A replica record with no process behind it (FAKE: stands in for a worker)."""
+    from modelfleet.engines.base import LaunchPlan
+
+    replica = Replica(replica_id=name, model_id=queue.pool.spec.id, port=1,
+                      plan=LaunchPlan(argv=["true"]), slots=slots, log_path=Path("/dev/null"),
+                      client=WorkerClient(), settings=queue.pool.fleet_settings,
+                      clock=queue.clock)
+    replica.state = ReplicaState.ready
+    queue.pool.replicas.append(replica)
+    return replica
+
+
+@pytest.fixture
+def queue(tmp_path: Path) -> ModelQueue:
+    clock = Clock()
+    settings = Settings(data_dir=tmp_path)
+    fleet = Fleet(load_catalog(), settings, WorkerClient(), clock=clock)
+    pool = fleet.pools["HuggingFaceTB/SmolLM2-135M-Instruct"]
+    pool.scale_for_demand = lambda: None  # type: ignore[method-assign]  # no real starts
+    return ModelQueue(pool, RecentStats(clock=clock), clock=clock)
+
+
+async def test_free_slot_is_taken_at_once_least_loaded_first(queue: ModelQueue) -> None:
+    a = fake_replica(queue, "a", 2)
+    b = fake_replica(queue, "b", 2)
+    first = await queue.acquire(deadline=queue.clock() + 10)
+    second = await queue.acquire(deadline=queue.clock() + 10)
+    assert {first.replica.id, second.replica.id} == {"a", "b"}
+    assert a.outstanding == b.outstanding == 1
+
+
+async def test_waiters_get_freed_slots_in_arrival_order(queue: ModelQueue) -> None:
+    fake_replica(queue, "a", 1)
+    held = await queue.acquire(deadline=queue.clock() + 10)
+    order: list[int] = []
+
+    async def wait(i: int) -> None:
+        lease = await queue.acquire(deadline=queue.clock() + 10)
+        order.append(i)
+        queue.release(lease, run_s=1.0)
+
+    tasks = [asyncio.create_task(wait(i)) for i in range(3)]
+    await asyncio.sleep(0)
+    assert queue.waiting == 3 and queue.demand() == 4
+    queue.clock.now += 2.5  # type: ignore[attr-defined]
+    queue.release(held, run_s=2.5)
+    await asyncio.gather(*tasks)
+    assert order == [0, 1, 2]
+    summary = queue.stats.summary()
+    assert summary["run"]["count"] == 4
+    assert summary["wait"]["p95_seconds"] == 2.5
+
+
+async def test_deadline_passed_in_queue_is_504(queue: ModelQueue) -> None:
+    fake_replica(queue, "a", 1)
+    held = await queue.acquire(deadline=queue.clock() + 10)
+    with pytest.raises(DeadlineExceeded) as exc:
+        await queue.acquire(deadline=queue.clock())
+    assert exc.value.code == "queue_timeout"
+    assert queue.waiting == 0
+    queue.release(held)
+    assert queue.pool.replicas[0].outstanding == 0
+
+
+async def test_unavailable_model_fails_waiters_and_refuses_new(queue: ModelQueue) -> None:
+    task = asyncio.create_task(queue.acquire(deadline=queue.clock() + 10))
+    await asyncio.sleep(0)
+    assert queue.waiting == 1
+    queue.pool.unavailable_reason = "broken"
+    queue.pool._unavailable_until = queue.clock() + 60
+    queue.fail_waiters("broken")
+    with pytest.raises(ModelUnavailable):
+        await task
+    with pytest.raises(ModelUnavailable, match="broken"):
+        await queue.acquire(deadline=queue.clock() + 10)
+    queue.clock.now += 61  # type: ignore[attr-defined]
+    assert queue.pool.availability() == (True, None)
+
+
+async def test_cancelled_waiter_leaves_no_trace(queue: ModelQueue) -> None:
+    fake_replica(queue, "a", 1)
+    held = await queue.acquire(deadline=queue.clock() + 10)
+    task = asyncio.create_task(queue.acquire(deadline=queue.clock() + 10))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    queue.release(held)
+    assert queue.waiting == 0 and queue.pool.replicas[0].outstanding == 0
+
+
+def test_stats_window_drops_old_samples() -> None:
+    clock = Clock()
+    stats = RecentStats(window_s=60, clock=clock)
+    for v in (1.0, 2.0, 3.0, 4.0):
+        stats.record(0.5, v)
+    assert stats.summary()["run"] == {"count": 4, "p50_seconds": 2.0, "p95_seconds": 4.0}
+    clock.now += 61
+    assert stats.summary()["run"]["count"] == 0
