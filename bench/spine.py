@@ -99,6 +99,51 @@ def cpu_seconds(pid: int | None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+class CpuMeter:
+    """Machine-wide busy CPU from /proc/stat, split into ours and everyone else's.
+
+    "Ours" is this script, the gateway and the worker; "foreign" is the rest of
+    the (shared) machine, reported per block so a noisy block can be seen.
+    """
+
+    def __init__(self) -> None:
+        self.pids: list[int] = [os.getpid()]
+
+    @staticmethod
+    def busy() -> float:
+        with open("/proc/stat") as f:
+            parts = [int(x) for x in f.readline().split()[1:]]
+        idle = parts[3] + (parts[4] if len(parts) > 4 else 0)
+        return (sum(parts[:8]) - idle) / CLK_TCK
+
+    def ours(self) -> float:
+        return sum(cpu_seconds(pid) or 0.0 for pid in self.pids)
+
+    def snap(self) -> tuple[float, float, float]:
+        return time.perf_counter(), self.busy(), self.ours()
+
+    @staticmethod
+    def foreign(a: tuple[float, float, float], b: tuple[float, float, float]) -> float:
+        """Cores used by other processes between two snaps."""
+        dt = b[0] - a[0]
+        return max(0.0, ((b[1] - a[1]) - (b[2] - a[2])) / dt) if dt > 0 else 0.0
+
+    async def wait_quiet(self, max_wait: float, threshold: float = 0.25) -> float:
+        """Wait (at most max_wait s) for other processes to use < threshold cores."""
+        t0 = time.perf_counter()
+        while True:
+            a = self.snap()
+            await asyncio.sleep(0.3)
+            if self.foreign(a, self.snap()) < threshold:
+                break
+            if time.perf_counter() - t0 > max_wait:
+                break
+        return time.perf_counter() - t0
+
+
+METER = CpuMeter()
+
+
 def pid_is(pid: int, needle: str) -> bool:
     try:
         return needle in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
@@ -282,6 +327,7 @@ class BlockResult:
     gw_cpu: float | None = None  # gateway process CPU seconds during the block
     wk_cpu: float | None = None  # worker process CPU seconds during the block
     first_error: str = ""
+    foreign: float = 0.0  # cores used by other processes during the block
 
 
 async def one_request(session: aiohttp.ClientSession, t: Target, body: bytes,
@@ -291,7 +337,7 @@ async def one_request(session: aiohttp.ClientSession, t: Target, body: bytes,
         async with session.post(t.url, data=body, headers=t.headers) as r:
             raw = await r.read()
             status = r.status
-    except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         res.errors += 1
         res.first_error = res.first_error or f"{type(exc).__name__}: {exc}"
         return
@@ -317,6 +363,7 @@ async def run_block(session: aiohttp.ClientSession, t: Target, *, concurrency: i
     body = t.body(max_tokens, ignore_eos=ignore_eos)
     sent = 0
     gw0, wk0 = cpu_seconds(pids[0]), cpu_seconds(pids[1])
+    m0 = METER.snap()
     start = time.perf_counter()
     stop_at = start + duration if duration is not None else None
 
@@ -333,6 +380,7 @@ async def run_block(session: aiohttp.ClientSession, t: Target, *, concurrency: i
 
     await asyncio.gather(*(client() for _ in range(concurrency)))
     res.elapsed = time.perf_counter() - start
+    res.foreign = METER.foreign(m0, METER.snap())
     gw1, wk1 = cpu_seconds(pids[0]), cpu_seconds(pids[1])
     if gw0 is not None and gw1 is not None:
         res.gw_cpu = gw1 - gw0

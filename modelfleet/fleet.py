@@ -296,15 +296,15 @@ class ModelPool:
             if self.live_replicas <= scaling.min_replicas:
                 break
             idle = now - replica.last_active
-            if replica.state is ReplicaState.ready and not replica.outstanding:
-                if idle >= scaling.idle_timeout_s:
-                    before = self.live_replicas
-                    self._record(before, before - 1, f"idle for {idle:.0f}s")
-                    self.desired = max(scaling.min_replicas, before - 1)
-                    replica.state = ReplicaState.draining
-                    self._forget(replica)
-                    log.info("replica %s idle for %.0fs; stopping it", replica.id, idle)
-                    await replica.stop()
+            if (replica.state is ReplicaState.ready and not replica.outstanding
+                    and idle >= scaling.idle_timeout_s):
+                before = self.live_replicas
+                self._record(before, before - 1, f"idle for {idle:.0f}s")
+                self.desired = max(scaling.min_replicas, before - 1)
+                replica.state = ReplicaState.draining
+                self._forget(replica)
+                log.info("replica %s idle for %.0fs; stopping it", replica.id, idle)
+                await replica.stop()
 
     async def stop_all(self) -> None:
         replicas, self.replicas = list(self.replicas), []

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from modelfleet.catalog import Catalog, ModelSpec
+from modelfleet.engines.http import WorkerBroke, WorkerClient, WorkerReply, WorkerUnreachable
 from modelfleet.errors import (
     ContextLengthExceeded,
     DeadlineExceeded,
@@ -31,7 +32,6 @@ from modelfleet.errors import (
     ModelUnavailable,
     UpstreamError,
 )
-from modelfleet.engines.http import WorkerBroke, WorkerClient, WorkerReply, WorkerUnreachable
 from modelfleet.fleet import Fleet
 from modelfleet.keys import Principal
 from modelfleet.scheduler import Lease, ModelQueue, Scheduler
@@ -86,7 +86,8 @@ def _usage(raw: Any) -> dict[str, Any]:
 
 
 def _worker_error(call: Call, reply: WorkerReply) -> ModelfleetError:
-    err = reply.body.get("error") if isinstance(reply.body.get("error"), dict) else {}
+    raw_err = reply.body.get("error")
+    err: dict[str, Any] = raw_err if isinstance(raw_err, dict) else {}
     message = str(err.get("message") or reply.body.get("detail") or "worker error")[:1000]
     if reply.status == 400:
         if "context" in message.lower() or err.get("type") == "exceed_context_size_error":

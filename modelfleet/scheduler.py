@@ -9,6 +9,7 @@ requests in arrival order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable
@@ -95,10 +96,8 @@ class ModelQueue:
             self.dispatch()
         else:
             fut.cancel()
-        try:
+        with contextlib.suppress(ValueError):
             self._waiters.remove(fut)
-        except ValueError:
-            pass
 
     def release(self, lease: Lease, *, run_s: float | None = None) -> None:
         if lease.released:

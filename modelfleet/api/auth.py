@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from starlette.requests import Request
 
+from modelfleet.api.http import presented_key
 from modelfleet.errors import PermissionDenied
 from modelfleet.keys import KeyService, Principal, Scope
-from modelfleet.api.http import presented_key
 
 
 async def require(keys: KeyService, request: Request, scope: Scope | None) -> Principal:
