@@ -62,19 +62,25 @@ SAMPLING = {"temperature": 0.7, "top_p": 1.0}
 @dataclass
 class Profile:
     levels: tuple[int, ...] = (1, 4, 8)
-    rounds: int = 3
-    block_s: float = 7.0  # per (round, level, target) block in (a)
+    rounds: int = 4  # interleaved rounds in (a); fewer if its time allotment runs out
+    block_s: float = 5.0  # per (round, level, target) block in (a)
     max_tokens: int = 64
     lat_c1_total: int = 200  # per target
     lat_c16_total: int = 400  # per target
     lat_blocks: int = 4  # each total is split into this many interleaved blocks
     cold_runs: int = 3
     warm_ttft_n: int = 10
-    budget_s: float = 330.0  # hard limit of the whole run
+    # Time allotments (s): a phase stops starting new rounds/blocks past its own.
+    a_budget_s: float = 170.0
+    b_budget_s: float = 75.0
+    quiet_wait_s: float = 4.0  # before each block, wait up to this for a quiet machine
+    quiet_total_s: float = 45.0  # ... but no more than this over the whole run
+    budget_s: float = 345.0  # hard limit of the whole run
 
 
 QUICK = Profile(rounds=1, block_s=3.0, lat_c1_total=60, lat_c16_total=160, lat_blocks=2,
-                cold_runs=1, warm_ttft_n=5, budget_s=150.0)
+                cold_runs=1, warm_ttft_n=5, a_budget_s=45.0, b_budget_s=30.0,
+                quiet_wait_s=2.0, quiet_total_s=10.0, budget_s=150.0)
 
 
 def log(msg: str) -> None:
@@ -435,31 +441,53 @@ class Results:
     cold: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     wall_s: float = 0.0
+    quiet_wait_s: float = 0.0
 
 
 def _order(i: int) -> tuple[str, str]:
     return ("direct", "gateway") if i % 2 == 0 else ("gateway", "direct")
 
 
-async def phase_throughput(session, targets, pids, p: Profile, R: Results) -> None:
-    log(f"(a) throughput: levels {p.levels}, {p.rounds} rounds x {p.block_s:g}s blocks, "
+class Quiet:
+    """Before a block, wait a little for the shared machine to calm down."""
+
+    def __init__(self, p: Profile) -> None:
+        self.p = p
+        self.spent = 0.0
+
+    async def __call__(self) -> None:
+        left = min(self.p.quiet_wait_s, self.p.quiet_total_s - self.spent)
+        if left > 0:
+            self.spent += await METER.wait_quiet(left)
+
+
+async def phase_throughput(session, targets, pids, p: Profile, R: Results, quiet) -> None:
+    log(f"(a) throughput: levels {p.levels}, up to {p.rounds} rounds x {p.block_s:g}s blocks, "
         f"max_tokens {p.max_tokens}, ignore_eos")
+    t0 = time.perf_counter()
     i = 0
     for rnd in range(p.rounds):
+        if rnd and time.perf_counter() - t0 > p.a_budget_s * (rnd - 1) / rnd:
+            # the next round would likely overrun the allotment
+            R.notes.append(f"(a) ran {rnd} of {p.rounds} rounds (time allotment)")
+            break
         for c in p.levels:
             for name in _order(i):
-                i += 1
+                await quiet()
                 b = await run_block(session, targets[name], concurrency=c,
                                     max_tokens=p.max_tokens, ignore_eos=True,
                                     duration=p.block_s, pids=pids)
                 R.thr.setdefault((c, name), []).append(b)
-                log(f"  round {rnd + 1} c={c} {name:7s}: {b.requests} req, "
-                    f"{b.tokens / b.elapsed:6.1f} tok/s")
+                log(f"  round {rnd + 1} c={c} {name:7s}: {b.requests:3d} req, "
+                    f"{b.tokens / b.elapsed:6.1f} tok/s  (other processes: "
+                    f"{b.foreign:.2f} cores)")
+            i += 1
 
 
-async def phase_latency(session, targets, pids, p: Profile, R: Results) -> None:
+async def phase_latency(session, targets, pids, p: Profile, R: Results, quiet) -> None:
     log(f"(b) added latency: max_tokens 1, c=1 x {p.lat_c1_total}, c=16 x {p.lat_c16_total} "
         f"per target, {p.lat_blocks} interleaved blocks each")
+    t0 = time.perf_counter()
     i = 0
     for c, total in ((1, p.lat_c1_total), (16, p.lat_c16_total)):
         # a few unmeasured requests at this concurrency first
@@ -467,8 +495,15 @@ async def phase_latency(session, targets, pids, p: Profile, R: Results) -> None:
             await run_block(session, targets[name], concurrency=c, max_tokens=1,
                             ignore_eos=False, count=c * 2, pids=(None, None))
         per_block = max(1, total // p.lat_blocks)
-        for _ in range(p.lat_blocks):
+        for k in range(p.lat_blocks):
+            # c=1 gets at most ~45% of the allotment, so c=16 always runs
+            limit = p.b_budget_s * (0.45 if c == 1 else 1.0)
+            if k and time.perf_counter() - t0 > limit:
+                R.notes.append(f"(b) c={c}: ran {k} of {p.lat_blocks} block pairs "
+                               "(time allotment)")
+                break
             for name in _order(i):
+                await quiet()
                 b = await run_block(session, targets[name], concurrency=c, max_tokens=1,
                                     ignore_eos=False, count=per_block, pids=pids)
                 R.lat.setdefault((c, name), []).append(b)
@@ -519,6 +554,9 @@ async def main_async(args: argparse.Namespace) -> Results:
     R.machine = machine_info()
     t_start = time.perf_counter()
     servers: list[Server] = []
+    waited = await METER.wait_quiet(p.quiet_wait_s * 5)
+    if waited > 1:
+        log(f"waited {waited:.1f}s for other processes to quieten before starting")
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
     async with aiohttp.ClientSession(
         connector=connector, timeout=aiohttp.ClientTimeout(total=120),
@@ -557,8 +595,11 @@ async def main_async(args: argparse.Namespace) -> Results:
                     if wb.errors or wb.short:
                         R.notes.append(f"warm-up {name}: {wb.errors} errors, {wb.short} "
                                        f"answers shorter than max_tokens")
-                await phase_throughput(session, targets, pids, p, R)
-                await phase_latency(session, targets, pids, p, R)
+                METER.pids += [p_ for p_ in pids if p_]
+                quiet = Quiet(p)
+                await phase_throughput(session, targets, pids, p, R, quiet)
+                await phase_latency(session, targets, pids, p, R, quiet)
+                R.quiet_wait_s = quiet.spent
                 await phase_warm_ttft(session, targets, p, R)
                 await srv.stop()
                 servers.remove(srv)
@@ -632,8 +673,8 @@ def render(R: Results) -> str:
           "target)")
         w("")
         w("| concurrency | direct tok/s | gateway tok/s | gateway / direct | per-round ratios "
-          "| requests (d / g) | gateway CPU ms/req |")
-        w("|---:|---:|---:|---:|---|---:|---:|")
+          "(median) | requests (d / g) | gateway CPU ms/req | other procs, cores (d / g) |")
+        w("|---:|---:|---:|---:|---|---:|---:|---:|")
         rates: dict[int, tuple[float, float]] = {}
         for c in p.levels:
             d, g = R.thr.get((c, "direct"), []), R.thr.get((c, "gateway"), [])
@@ -641,13 +682,17 @@ def render(R: Results) -> str:
                 continue
             rd, rg = _rate(d), _rate(g)
             rates[c] = (rd, rg)
-            per = ", ".join(f"{_rate([y]) / _rate([x]):.3f}" for x, y in zip(d, g, strict=False)
-                            if _rate([x]))
+            ratios = [_rate([y]) / _rate([x]) for x, y in zip(d, g, strict=False) if _rate([x])]
+            per = ", ".join(f"{r:.2f}" for r in ratios)
+            if len(ratios) > 1:
+                per += f" ({statistics.median(ratios):.3f})"
             nreq_g = sum(b.requests for b in g)
             cpu = [b.gw_cpu for b in g if b.gw_cpu is not None]
             cpu_ms = f"{sum(cpu) / nreq_g * 1e3:.2f}" if cpu and nreq_g else "-"
+            fd = statistics.mean(b.foreign for b in d)
+            fg = statistics.mean(b.foreign for b in g)
             w(f"| {c} | {rd:.1f} | {rg:.1f} | {rg / rd:.3f} | {per} | "
-              f"{sum(b.requests for b in d)} / {nreq_g} | {cpu_ms} |")
+              f"{sum(b.requests for b in d)} / {nreq_g} | {cpu_ms} | {fd:.2f} / {fg:.2f} |")
         w("")
         errs = sum(b.errors for bl in R.thr.values() for b in bl)
         short = sum(b.short for bl in R.thr.values() for b in bl)
@@ -655,8 +700,12 @@ def render(R: Results) -> str:
         w("")
         lines = []
         for c, (rd, rg) in rates.items():
-            lines.append(f"- c={c}: gateway/direct = {rg / rd:.3f} (target >= 0.95: "
-                         f"{_ok(rg / rd >= 0.95)})")
+            d, g = R.thr[(c, "direct")], R.thr[(c, "gateway")]
+            ratios = [_rate([y]) / _rate([x]) for x, y in zip(d, g, strict=False) if _rate([x])]
+            med = statistics.median(ratios) if ratios else float("nan")
+            lines.append(f"- c={c}: gateway/direct = {rg / rd:.3f} pooled, {med:.3f} median of "
+                         f"{len(ratios)} paired round(s) (target >= 0.95: pooled "
+                         f"{_ok(rg / rd >= 0.95)}, median {_ok(med >= 0.95)})")
         if 1 in rates and 4 in rates:
             for label, idx in (("direct", 0), ("gateway", 1)):
                 s = rates[4][idx] / rates[1][idx]
@@ -671,8 +720,9 @@ def render(R: Results) -> str:
         w("### (b) Added latency (max_tokens 1, non-streaming, auth on; interleaved blocks)")
         w("")
         w("| concurrency | n per target | direct p50 ms | gateway p50 ms | added p50 ms "
-          "| direct p99 ms | gateway p99 ms | added p99 ms | gateway CPU ms/req |")
-        w("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| direct p99 ms | gateway p99 ms | added p99 ms | gateway CPU ms/req "
+          "| other procs, cores (d / g) |")
+        w("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         added1 = None
         for c in (1, 16):
             d = [x for b in R.lat.get((c, "direct"), []) for x in b.latencies]
@@ -688,7 +738,9 @@ def render(R: Results) -> str:
                 added1 = (g50 - d50) * 1e3
             w(f"| {c} | {len(g)} | {d50 * 1e3:.2f} | {g50 * 1e3:.2f} | "
               f"{(g50 - d50) * 1e3:+.2f} | {d99 * 1e3:.2f} | {g99 * 1e3:.2f} | "
-              f"{(g99 - d99) * 1e3:+.2f} | {cpu_ms} |")
+              f"{(g99 - d99) * 1e3:+.2f} | {cpu_ms} | "
+              f"{statistics.mean(b.foreign for b in R.lat[(c, 'direct')]):.2f} / "
+              f"{statistics.mean(b.foreign for b in gb):.2f} |")
         w("")
         errs = sum(b.errors for bl in R.lat.values() for b in bl)
         w(f"Errors: {errs}.")
@@ -721,6 +773,10 @@ def render(R: Results) -> str:
                                  f"(n={len(xs)})")
             w(f"- warm TTFT on the main server: {', '.join(parts)}")
         w("")
+    w(f"Waited {R.quiet_wait_s:.0f} s in all for other processes to quieten before blocks "
+      "(\"other procs\" = CPU used by processes other than this script, the gateway and "
+      "the worker during the blocks, in cores out of " f"{m.get('nproc')}).")
+    w("")
     if R.notes:
         w("Notes:")
         w("")

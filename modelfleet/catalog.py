@@ -49,8 +49,6 @@ class LlamaCppEngine(_Strict):
     # Extra llama-server flags, appended as given (operator configuration).
     args: list[str] = Field(default_factory=list)
     startup_timeout_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 120.0
-    # Per-replica resident memory, in MiB, used by resource-aware placement.
-    memory_mib: PositiveInt = 512
 
 
 EngineSpec = Annotated[LlamaCppEngine, Field(discriminator="type")]
@@ -201,6 +199,8 @@ def _where(raw: object, loc: list[int | str]) -> str:
             node = node[item] if isinstance(node, list) and item < len(node) else None
             if isinstance(node, dict) and isinstance(node.get("id"), str):
                 parts[-1] += f" ({node['id']})"
+        elif isinstance(node, dict) and item not in node and node.get("type") == item:
+            continue  # pydantic names the union member (the engine type); not a key
         else:
             parts.append(str(item))
             node = node.get(item) if isinstance(node, dict) else None

@@ -1,7 +1,7 @@
 """Database engine, sessions and migrations.
 
 SQLite (WAL) in the data folder by default, any SQLAlchemy async URL otherwise.
-Migrations run with Alembic at startup and from ``modelfleet db upgrade``.
+Migrations run with Alembic at startup and before every CLI command that uses the store.
 """
 
 from __future__ import annotations

@@ -169,19 +169,12 @@ class ModelPool:
         self._converge()
 
     def _launch(self) -> None:
-        port = free_port()
         replica_id = f"{_slug(self.spec.id)}-{short_id()}"
-        try:
-            plan = self.engine.launch(port)
-        except ModelFileMissing as exc:
-            self._file_check = (self.clock(), str(exc))
-            self.on_unavailable(str(exc))
-            return
         replica = Replica(
             replica_id=replica_id,
             model_id=self.spec.id,
-            port=port,
-            plan=plan,
+            port=free_port(),
+            plan=None,
             slots=self.spec.scaling.concurrency,
             log_path=self.settings.logs_dir / f"{replica_id}.log",
             client=self.client,
@@ -189,11 +182,25 @@ class ModelPool:
             clock=self.clock,
         )
         self.replicas.append(replica)
-        self.owner.spawn(self._run(replica), replica_id)
+        self.owner.spawn(self._run(replica), replica.id)
+
+    async def _prepare(self, replica: Replica) -> bool:
+        """Build the launch plan in a thread (it may assemble weights: hundreds of MB)."""
+        try:
+            replica.plan = await asyncio.to_thread(self.engine.launch, replica.port)
+        except ModelFileMissing as exc:
+            self._forget(replica)
+            replica.state = ReplicaState.failed
+            self._file_check = (self.clock(), str(exc))
+            self.on_unavailable(str(exc))
+            return False
+        return True
 
     async def _run(self, replica: Replica) -> None:
         """Start a replica, then watch it until it stops or dies."""
         cold = self.ready_replicas == 0
+        if not await self._prepare(replica):
+            return
         try:
             await replica.start(self.spec.engine.startup_timeout_s)
         except (StartFailed, OSError) as exc:

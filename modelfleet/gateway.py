@@ -34,6 +34,7 @@ from modelfleet.errors import (
 )
 from modelfleet.fleet import Fleet
 from modelfleet.keys import Principal
+from modelfleet.openai import shape
 from modelfleet.scheduler import Lease, ModelQueue, Scheduler
 from modelfleet.tasks import TaskOwner
 
@@ -60,9 +61,12 @@ class Call:
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
+    def is_chat(self) -> bool:
+        return self.path.endswith("chat/completions")
+
+    @property
     def response_id(self) -> str:
-        prefix = "chatcmpl" if self.path.endswith("chat/completions") else "cmpl"
-        return f"{prefix}-{self.request_id}"
+        return f"{'chatcmpl' if self.is_chat else 'cmpl'}-{self.request_id}"
 
     def headers(self) -> dict[str, str]:
         out = {
@@ -90,8 +94,8 @@ def _worker_error(call: Call, reply: WorkerReply) -> ModelfleetError:
     err: dict[str, Any] = raw_err if isinstance(raw_err, dict) else {}
     message = str(err.get("message") or reply.body.get("detail") or "worker error")[:1000]
     if reply.status == 400:
-        if "context" in message.lower() or err.get("type") == "exceed_context_size_error":
-            return ContextLengthExceeded(message, param="messages")
+        if err.get("type") == "exceed_context_size_error" or "context size" in message:
+            return ContextLengthExceeded(message, param="messages" if call.is_chat else "prompt")
         return InvalidRequest(message)
     if reply.status == 503:
         return ModelUnavailable(f"model {call.spec.id!r} is busy or loading: {message}")
@@ -145,15 +149,15 @@ class Gateway:
                     code="request_timeout",
                 ) from None
             except WorkerUnreachable as exc:
-                log.warning("request %s: replica %s unreachable (%s); retrying",
-                            call.request_id, lease.replica.id, exc)
-                await queue.pool.check_replica(lease.replica)
-                if attempt == self.retries:
-                    raise ModelUnavailable(
-                        f"model {call.spec.id!r}: no replica answered after "
-                        f"{attempt + 1} attempts"
-                    ) from None
+                await self._unreachable(call, lease, exc, attempt)
                 continue
+            except WorkerBroke as exc:
+                call.status = "failed"
+                await queue.pool.check_replica(lease.replica)
+                raise UpstreamError(
+                    f"the worker serving {call.spec.id!r} failed while answering: {exc}",
+                    code="worker_failed",
+                ) from None
             if reply.status != 200:
                 call.status = "failed"
                 raise _worker_error(call, reply)
@@ -174,13 +178,15 @@ class Gateway:
             queue.release(lease, run_s=queue.clock() - started if ok else None)
 
     def _rewrite(self, call: Call, body: dict[str, Any]) -> dict[str, Any]:
+        choices = body.get("choices") or []
         out: dict[str, Any] = {
             "id": call.response_id,
-            "object": body.get("object")
-            or ("chat.completion" if call.path.endswith("chat/completions") else "text_completion"),
+            "object": "chat.completion" if call.is_chat else "text_completion",
             "created": body.get("created") or call.created,
             "model": call.spec.id,
-            "choices": body.get("choices") or [],
+            "choices": [
+                shape.chat_choice(c) if call.is_chat else shape.text_choice(c) for c in choices
+            ],
             "usage": call.usage or _usage(body.get("usage")),
         }
         if "system_fingerprint" in body:
@@ -197,111 +203,99 @@ class Gateway:
         for attempt in range(self.retries + 1):
             lease = await queue.acquire(deadline, enqueued)
             call.deployment_id = lease.replica.id
-            started = queue.clock()
             url = lease.replica.base_url + call.path
             try:
                 async with asyncio.timeout(max(0.0, deadline - queue.clock())):
                     stream = await self.client.open_stream(url, call.payload)
-                    if stream.status != 200:
-                        body = await stream.error_body()
-                        queue.release(lease, run_s=None)
-                        call.status = "failed"
-                        raise _worker_error(call, WorkerReply(stream.status, body))
-                    events = stream.events()
-                    first = await anext(events)
             except TimeoutError:
                 queue.release(lease, run_s=None)
                 call.status = "cancelled"
-                raise DeadlineExceeded(
-                    f"request to {call.spec.id!r} produced nothing within "
-                    f"{call.spec.scaling.request_timeout_s:g}s",
-                    code="request_timeout",
-                ) from None
-            except (WorkerUnreachable, WorkerBroke, StopAsyncIteration) as exc:
+                raise self._deadline(call, "produced nothing") from None
+            except WorkerUnreachable as exc:
                 queue.release(lease, run_s=None)
-                log.warning("request %s: replica %s failed before streaming (%s); retrying",
-                            call.request_id, lease.replica.id, exc)
-                await queue.pool.check_replica(lease.replica)
-                if attempt == self.retries:
-                    raise ModelUnavailable(
-                        f"model {call.spec.id!r}: no replica answered after {attempt + 1} attempts"
-                    ) from None
+                await self._unreachable(call, lease, exc, attempt)
                 continue
             except BaseException:
-                if not lease.released:
-                    queue.release(lease, run_s=None)
+                queue.release(lease, run_s=None)
                 raise
-            return self._relay(call, queue, lease, stream, events, first, started, deadline)
+            if stream.status != 200:
+                body = await stream.error_body()
+                queue.release(lease, run_s=None)
+                call.status = "failed"
+                raise _worker_error(call, WorkerReply(stream.status, body))
+            pump = _Pump(self, call, queue, lease, stream)
+            pump.task = self.owner.spawn(pump.run(), call.request_id)
+            try:
+                first = await pump.next(deadline)
+            except BaseException:
+                pump.cancel()
+                raise
+            if isinstance(first, WorkerUnreachable):
+                await self._unreachable(call, lease, first, attempt)
+                continue
+            if first is _TIMEOUT:
+                call.status = "abandoned"
+                pump.abandon()
+                raise self._deadline(call, "produced nothing")
+            return self._relay(call, pump, first, deadline)
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def _unreachable(self, call: Call, lease: Lease, exc: Exception, attempt: int) -> None:
+        queue = self.scheduler.queue(call.spec.id)
+        log.warning("request %s: replica %s unreachable (%s); retrying",
+                    call.request_id, lease.replica.id, exc)
+        await queue.pool.check_replica(lease.replica)
+        if attempt == self.retries:
+            raise ModelUnavailable(
+                f"model {call.spec.id!r}: no replica answered after {attempt + 1} attempts"
+            )
+
+    def _deadline(self, call: Call, what: str) -> DeadlineExceeded:
+        suffix = "; the work was abandoned" if call.status == "abandoned" else ""
+        return DeadlineExceeded(
+            f"request to {call.spec.id!r} {what} within "
+            f"{call.spec.scaling.request_timeout_s:g}s{suffix}",
+            code="request_timeout",
+        )
+
     async def _relay(
-        self,
-        call: Call,
-        queue: ModelQueue,
-        lease: Lease,
-        stream: Any,
-        events: AsyncIterator[bytes],
-        first: bytes,
-        started: float,
-        deadline: float,
+        self, call: Call, pump: _Pump, first: object, deadline: float
     ) -> AsyncIterator[bytes]:
-        handed_off = False
+        item = first
         try:
-            try:
-                async with asyncio.timeout(max(0.0, deadline - queue.clock())):
-                    chunk = self._chunk(call, first)
-                    if chunk is not None:
-                        yield chunk
-                    async for data in events:
-                        chunk = self._chunk(call, data)
-                        if chunk is not None:
-                            yield chunk
-                call.status = "succeeded"
-            except TimeoutError:
-                call.status = "abandoned"
-                handed_off = True
-                self.owner.spawn(self._drain(call, queue, lease, stream, events, started),
-                                 call.request_id)
-                yield _sse_error(DeadlineExceeded(
-                    f"request to {call.spec.id!r} did not finish within "
-                    f"{call.spec.scaling.request_timeout_s:g}s; the work was abandoned",
-                    code="request_timeout",
-                ))
-            except (WorkerBroke, WorkerUnreachable) as exc:
-                call.status = "failed"
-                log.warning("request %s: stream from %s broke: %s", call.request_id,
-                            lease.replica.id, exc)
-                self.owner.spawn(queue.pool.check_replica(lease.replica), "check")
-                yield _sse_error(UpstreamError(
-                    f"the worker serving {call.spec.id!r} failed mid-stream: {exc}",
-                    code="worker_failed",
-                ))
+            while True:
+                if item is _END:
+                    call.status = "succeeded"
+                    break
+                if item is _TIMEOUT:
+                    call.status = "abandoned"
+                    pump.abandon()
+                    yield _sse_error(self._deadline(call, "did not finish"))
+                    break
+                if isinstance(item, Exception):
+                    call.status = "failed"
+                    log.warning("request %s: stream from %s broke: %s", call.request_id,
+                                pump.lease.replica.id, item)
+                    self.owner.spawn(pump.queue.pool.check_replica(pump.lease.replica), "check")
+                    yield _sse_error(UpstreamError(
+                        f"the worker serving {call.spec.id!r} failed mid-stream: {item}",
+                        code="worker_failed",
+                    ))
+                    break
+                try:
+                    chunk = self._chunk(call, item)  # type: ignore[arg-type]
+                except WorkerBroke as exc:
+                    item = exc
+                    continue
+                if chunk is not None:
+                    yield chunk
+                item = await pump.next(deadline)
             yield b"data: [DONE]\n\n"
         finally:
-            if not handed_off:
-                if call.status == "pending":
-                    call.status = "cancelled"  # the client went away
-                stream.close()
-                queue.release(lease, run_s=queue.clock() - started)
-
-    async def _drain(
-        self,
-        call: Call,
-        queue: ModelQueue,
-        lease: Lease,
-        stream: Any,
-        events: AsyncIterator[bytes],
-        started: float,
-    ) -> None:
-        """Let abandoned work finish on the worker, keeping its slot until then."""
-        try:
-            async for data in events:
-                self._chunk(call, data)
-        except (WorkerBroke, WorkerUnreachable):
-            pass
-        finally:
-            stream.close()
-            queue.release(lease, run_s=queue.clock() - started)
+            if call.status == "pending":
+                call.status = "cancelled"  # the client went away: stop the worker too
+            if call.status != "abandoned":
+                pump.cancel()
 
     def _chunk(self, call: Call, data: bytes) -> bytes | None:
         try:
@@ -318,7 +312,12 @@ class Gateway:
             call.usage = _usage(usage)
         obj["id"] = call.response_id
         obj["model"] = call.spec.id
-        if not obj.get("choices") and usage:
+        obj["object"] = "chat.completion.chunk" if call.is_chat else "text_completion"
+        obj["choices"] = [
+            shape.chat_chunk_choice(c) if call.is_chat else shape.text_choice(c, streaming=True)
+            for c in obj.get("choices") or []
+        ]
+        if not obj["choices"] and usage:
             if not call.include_usage:
                 return None
             obj["choices"] = []
@@ -326,6 +325,62 @@ class Gateway:
         elif call.include_usage:
             obj["usage"] = None
         return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+_END = object()
+_TIMEOUT = object()
+
+
+class _Pump:
+    """Reads one worker stream in a task of its own and holds its slot.
+
+    The client side waits on ``next`` with the request's deadline.  When the
+    deadline passes, the read itself is not cancelled (that would close the
+    connection and stop the worker): the pump is *abandoned* and reads on to
+    the end, keeping the slot until the worker is done.  When the client goes
+    away, the pump is cancelled, which closes the connection and stops the work.
+    """
+
+    def __init__(
+        self, gateway: Gateway, call: Call, queue: ModelQueue, lease: Lease, stream: Any
+    ) -> None:
+        self.gateway = gateway
+        self.call = call
+        self.queue = queue
+        self.lease = lease
+        self.stream = stream
+        self.items: asyncio.Queue[object] = asyncio.Queue()
+        self.abandoned = False
+        self.task: asyncio.Task[None] | None = None
+        self.started = queue.clock()
+
+    async def run(self) -> None:
+        try:
+            async for data in self.stream.events():
+                if self.abandoned:
+                    self.gateway._chunk(self.call, data)  # keep the usage, drop the text
+                else:
+                    self.items.put_nowait(data)
+            self.items.put_nowait(_END)
+        except (WorkerBroke, WorkerUnreachable) as exc:
+            self.items.put_nowait(exc)
+        finally:
+            self.stream.close()
+            self.queue.release(self.lease, run_s=self.queue.clock() - self.started)
+
+    async def next(self, deadline: float) -> object:
+        try:
+            async with asyncio.timeout(max(0.0, deadline - self.queue.clock())):
+                return await self.items.get()
+        except TimeoutError:
+            return _TIMEOUT
+
+    def abandon(self) -> None:
+        self.abandoned = True
+
+    def cancel(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
 
 
 def _sse_error(error: ModelfleetError) -> bytes:

@@ -53,7 +53,7 @@ class Replica:
         replica_id: str,
         model_id: str,
         port: int,
-        plan: LaunchPlan,
+        plan: LaunchPlan | None,
         slots: int,
         log_path: Path,
         client: WorkerClient,
@@ -93,6 +93,8 @@ class Replica:
 
     async def start(self, timeout_s: float) -> None:
         """Spawn the worker and wait until it answers its health check."""
+        if self.plan is None:
+            raise StartFailed("no launch plan")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.plan.env}
         with open(self.log_path, "ab") as log_file:
@@ -136,8 +138,9 @@ class Replica:
         return await self._proc.wait()
 
     async def healthy(self) -> bool:
+        path = self.plan.health_path if self.plan else "/health"
         return await self._client.health(
-            self.base_url + self.plan.health_path, timeout=self._settings.health_timeout_s
+            self.base_url + path, timeout=self._settings.health_timeout_s
         )
 
     async def stop(self, grace_s: float = 5.0) -> None:

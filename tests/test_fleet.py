@@ -132,13 +132,30 @@ def test_deadline_while_running_is_504_and_work_is_abandoned(server: Server) -> 
     model = "test/running-timeout"  # min_replicas = 1, request_timeout_s = 1.5
     wait_for(lambda: runtime(server, model)["state"] == "ready", 60, "warm replica")
     started = time.monotonic()
-    resp = chat(server, model, max_tokens=3000, metadata={"ignore_eos": True})
+    resp = chat(server, model, max_tokens=500, metadata={"ignore_eos": True})
     elapsed = time.monotonic() - started
     assert resp.status_code == 504, resp.text
     assert resp.json()["error"]["code"] == "request_timeout"
     assert elapsed < 5
     # the abandoned work still holds its slot on the worker while it finishes
     assert replicas(server, model)[0]["outstanding"] == 1
+    assert runtime(server, model)["in_flight"] == 1
+
+
+def test_deadline_mid_stream_ends_with_error_event_and_work_goes_on(server: Server) -> None:
+    model = "test/running-timeout"  # request_timeout_s = 1.5
+    wait_for(lambda: runtime(server, model)["in_flight"] == 0, 60, "idle replica")
+    with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=30,
+                      headers={"x-api-key": server.key},
+                      json={"model": model, "messages": [{"role": "user", "content": "Go"}],
+                            "max_tokens": 500, "stream": True,
+                            "metadata": {"ignore_eos": True}}) as resp:
+        assert resp.status_code == 200
+        lines = [line for line in resp.iter_lines() if line.startswith("data:")]
+    assert lines[-1] == "data: [DONE]"
+    assert '"code":"request_timeout"' in lines[-2] and '"status":504' in lines[-2]
+    assert len(lines) > 5  # tokens did stream before the deadline
+    # abandoned, not cancelled: the worker is still generating, holding its slot
     assert runtime(server, model)["in_flight"] == 1
 
 

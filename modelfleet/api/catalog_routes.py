@@ -124,7 +124,6 @@ def router(services: Services) -> APIRouter:
                     "url": r.base_url, "slots": r.slots, "outstanding": r.outstanding,
                     "served": r.served,
                 })
-            rows.extend([])
         events = [
             e.__dict__ for pool in services.fleet.pools.values() for e in pool.events
         ]

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from modelfleet.api.auth import require
 from modelfleet.api.http import read_body, request_id
 from modelfleet.catalog import ModelSpec
-from modelfleet.errors import ModelfleetError
+from modelfleet.errors import ModelfleetError, RequestTooLarge
 from modelfleet.gateway import Call
 from modelfleet.keys import Scope
 from modelfleet.openai import chat, completions
@@ -44,8 +44,14 @@ def router(services: Services) -> APIRouter:
         path: str,
     ) -> Response:
         principal = await require(services.keys, request, Scope.inference)
-        body = parse_body(model, await read_body(request, limit))
+        raw = await read_body(request, limit)
+        body = parse_body(model, raw)
         spec = gateway.resolve(body.model)
+        if len(raw) > spec.limits.max_request_bytes:
+            raise RequestTooLarge(
+                f"request body is {len(raw)} bytes; model {spec.id!r} takes at most "
+                f"{spec.limits.max_request_bytes}"
+            )
         call: Call | None = None
         try:
             max_tokens = validate(spec, body)

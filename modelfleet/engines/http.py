@@ -67,13 +67,21 @@ class WorkerClient:
             return False
 
     async def post(self, url: str, payload: dict[str, Any]) -> WorkerReply:
+        """POST and read the answer.  Failing before the response began (the worker
+        was unreachable, or died before answering: nothing was delivered) raises
+        WorkerUnreachable, which is safe to retry; failing while reading the body
+        raises WorkerBroke."""
         try:
-            async with self.session.post(url, json=payload, allow_redirects=False) as resp:
-                raw = await resp.read()
-                status = resp.status
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as exc:
+            resp = await self.session.post(url, json=payload, allow_redirects=False)
+        except (aiohttp.ClientConnectionError, OSError) as exc:
             raise WorkerUnreachable(str(exc) or type(exc).__name__) from exc
-        return WorkerReply(status, _json_object(raw))
+        try:
+            raw = await resp.read()
+        except (aiohttp.ClientError, OSError) as exc:
+            raise WorkerBroke(str(exc) or type(exc).__name__) from exc
+        finally:
+            resp.release()
+        return WorkerReply(resp.status, _json_object(raw))
 
     async def open_stream(self, url: str, payload: dict[str, Any]) -> WorkerStream:
         try:

@@ -102,7 +102,7 @@ class LlamaCppEngine(Engine):
             "--no-webui",
             *spec.engine.args,
         ]
-        env = {"LLAMA_ARG_HOST": "127.0.0.1", "OMP_NUM_THREADS": str(spec.engine.threads)}
+        env = {"OMP_NUM_THREADS": str(spec.engine.threads)}
         lib_dir = str(Path(argv[0]).parent)
         env["LD_LIBRARY_PATH"] = os.pathsep.join(
             p for p in (lib_dir, os.environ.get("LD_LIBRARY_PATH", "")) if p

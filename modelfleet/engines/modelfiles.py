@@ -71,7 +71,7 @@ def _assembled(package: str, models_dir: Path, pypi_package: str | None) -> Path
     partial = target.with_name(target.name + ".partial")
     try:
         module.assemble(partial, overwrite=True)  # verifies the package's own checksum
-    except (FileNotFoundError, ModuleNotFoundError) as exc:
+    except (FileNotFoundError, ModuleNotFoundError, ValueError, FileExistsError) as exc:
         raise ModelFileMissing(f"package {package!r} is incomplete: {exc}{_hint(pypi_package)}") from None
     os.replace(partial, target)
     done.write_text("assembled\n")
