@@ -62,8 +62,8 @@ SAMPLING = {"temperature": 0.7, "top_p": 1.0}
 @dataclass
 class Profile:
     levels: tuple[int, ...] = (1, 4, 8)
-    rounds: int = 4  # interleaved rounds in (a); fewer if its time allotment runs out
-    block_s: float = 5.0  # per (round, level, target) block in (a)
+    rounds: int = 5  # interleaved rounds in (a); fewer if its time allotment runs out
+    block_s: float = 4.0  # measurement window per (round, level, target) block in (a)
     max_tokens: int = 64
     lat_c1_total: int = 200  # per target
     lat_c16_total: int = 400  # per target
@@ -71,7 +71,7 @@ class Profile:
     cold_runs: int = 3
     warm_ttft_n: int = 10
     # Time allotments (s): a phase stops starting new rounds/blocks past its own.
-    a_budget_s: float = 170.0
+    a_budget_s: float = 180.0
     b_budget_s: float = 75.0
     quiet_wait_s: float = 4.0  # before each block, wait up to this for a quiet machine
     quiet_total_s: float = 45.0  # ... but no more than this over the whole run
@@ -330,6 +330,8 @@ class BlockResult:
     short: int = 0  # answers with fewer tokens than asked
     elapsed: float = 0.0
     latencies: list[float] = field(default_factory=list)
+    spans: list[tuple[float, float, int]] = field(default_factory=list)  # start, end, tokens
+    window: tuple[float, float] | None = None  # the measurement window of a timed block
     gw_cpu: float | None = None  # gateway process CPU seconds during the block
     wk_cpu: float | None = None  # worker process CPU seconds during the block
     first_error: str = ""
@@ -359,6 +361,7 @@ async def one_request(session: aiohttp.ClientSession, t: Target, body: bytes,
     if n < want_tokens:
         res.short += 1
     res.latencies.append(dt)
+    res.spans.append((t0, t0 + dt, n))
 
 
 async def run_block(session: aiohttp.ClientSession, t: Target, *, concurrency: int,
@@ -386,6 +389,8 @@ async def run_block(session: aiohttp.ClientSession, t: Target, *, concurrency: i
 
     await asyncio.gather(*(client() for _ in range(concurrency)))
     res.elapsed = time.perf_counter() - start
+    if stop_at is not None:
+        res.window = (start, stop_at)
     res.foreign = METER.foreign(m0, METER.snap())
     gw1, wk1 = cpu_seconds(pids[0]), cpu_seconds(pids[1])
     if gw0 is not None and gw1 is not None:
@@ -467,7 +472,8 @@ async def phase_throughput(session, targets, pids, p: Profile, R: Results, quiet
     t0 = time.perf_counter()
     i = 0
     for rnd in range(p.rounds):
-        if rnd and time.perf_counter() - t0 > p.a_budget_s * (rnd - 1) / rnd:
+        spent = time.perf_counter() - t0
+        if rnd and spent * (rnd + 1) / rnd > p.a_budget_s:
             # the next round would likely overrun the allotment
             R.notes.append(f"(a) ran {rnd} of {p.rounds} rounds (time allotment)")
             break
@@ -479,7 +485,7 @@ async def phase_throughput(session, targets, pids, p: Profile, R: Results, quiet
                                     duration=p.block_s, pids=pids)
                 R.thr.setdefault((c, name), []).append(b)
                 log(f"  round {rnd + 1} c={c} {name:7s}: {b.requests:3d} req, "
-                    f"{b.tokens / b.elapsed:6.1f} tok/s  (other processes: "
+                    f"{_rate([b]):6.1f} tok/s  (other processes: "
                     f"{b.foreign:.2f} cores)")
             i += 1
 
@@ -647,9 +653,30 @@ def machine_info() -> dict[str, Any]:
 # -- report ------------------------------------------------------------------------
 
 
+def window_tokens(b: BlockResult) -> float:
+    """Tokens produced inside the block's window, each request's tokens spread evenly
+    over its own duration (decode dominates: the prompt is short and cached).
+
+    The clients keep `concurrency` requests in flight for the whole window and
+    only stop starting new ones at its end, so this is the steady-state rate,
+    free of the ramp-down after the window (requests finishing at different
+    times) and of quantisation into whole requests.
+    """
+    if b.window is None:
+        return float(b.tokens)
+    w0, w1 = b.window
+    total = 0.0
+    for s0, s1, n in b.spans:
+        overlap = min(s1, w1) - max(s0, w0)
+        if overlap > 0 and s1 > s0:
+            total += n * overlap / (s1 - s0)
+    return total
+
+
 def _rate(blocks: list[BlockResult]) -> float:
-    el = sum(b.elapsed for b in blocks)
-    return sum(b.tokens for b in blocks) / el if el else 0.0
+    """Aggregate tokens/s over several blocks (their windows)."""
+    el = sum((b.window[1] - b.window[0]) if b.window else b.elapsed for b in blocks)
+    return sum(window_tokens(b) for b in blocks) / el if el else 0.0
 
 
 def _ok(flag: bool) -> str:

@@ -13,6 +13,7 @@ The tree (HTTP status, ``type``)::
     │   └── ContextLengthExceeded        400   code context_length_exceeded
     ├── AuthenticationError              401 authentication_error
     ├── PermissionDenied                 403 permission_error
+    │   └── InsufficientCredits          403   code insufficient_credits
     ├── NotFound                         404 not_found_error
     │   └── ModelNotFound                404   code model_not_found
     ├── MethodNotAllowed                 405 invalid_request_error
@@ -89,6 +90,11 @@ class PermissionDenied(ModelfleetError):
     status = 403
     type = "permission_error"
     default_code = "insufficient_scope"
+
+
+class InsufficientCredits(PermissionDenied):
+    type = "insufficient_quota"
+    default_code = "insufficient_credits"
 
 
 class NotFound(ModelfleetError):

@@ -17,7 +17,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,9 +56,29 @@ class Call:
     stream: bool = False
     include_usage: bool = False
     deployment_id: str | None = None
-    status: str = "pending"  # pending, succeeded, failed, abandoned, cancelled
+    # pending, succeeded, failed, abandoned (deadline while running), cancelled
+    # (deadline while queued), disconnected (the client left a stream early)
+    status: str = "pending"
     usage: dict[str, int] = field(default_factory=dict)
     created: int = field(default_factory=lambda: int(time.time()))
+    wait_s: float = 0.0
+    run_s: float = 0.0
+    # Called once, when the work has ended (settlement); None: nothing to settle.
+    on_finish: Callable[[Call], None] | None = None
+    finished: bool = False
+    work_running: bool = False
+
+    def finish(self, default_status: str = "failed") -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.status == "pending":
+            self.status = default_status
+        if self.on_finish is not None:
+            try:
+                self.on_finish(self)
+            except Exception:
+                log.exception("settling request %s failed", self.request_id)
 
     @property
     def is_chat(self) -> bool:
@@ -87,6 +107,15 @@ def _usage(raw: Any) -> dict[str, Any]:
     if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
         out["prompt_tokens_details"] = {"cached_tokens": details["cached_tokens"]}
     return out
+
+
+def _timings_usage(raw: Any) -> dict[str, int]:
+    """Token counts from llama-server's per-chunk timings (timings_per_token)."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("predicted_n"), int):
+        return {}
+    prompt = int(raw.get("prompt_n") or 0) + int(raw.get("cache_n") or 0)
+    out = int(raw["predicted_n"])
+    return {"prompt_tokens": prompt, "completion_tokens": out, "total_tokens": prompt + out}
 
 
 def _worker_error(call: Call, reply: WorkerReply) -> ModelfleetError:
@@ -131,17 +160,35 @@ class Gateway:
     # -- non-streaming ------------------------------------------------------------
 
     async def complete(self, call: Call) -> dict[str, Any]:
+        try:
+            return await self._complete(call)
+        except DeadlineExceeded as exc:
+            if not call.work_running:
+                call.finish("cancelled" if exc.code == "queue_timeout" else "failed")
+            raise
+        except BaseException:
+            if not call.work_running:
+                call.finish("cancelled")
+            raise
+
+    async def _complete(self, call: Call) -> dict[str, Any]:
         queue = self.scheduler.queue(call.spec.id)
         enqueued = queue.clock()
         deadline = enqueued + call.spec.scaling.request_timeout_s
         for attempt in range(self.retries + 1):
             lease = await queue.acquire(deadline, enqueued)
             call.deployment_id = lease.replica.id
+            call.wait_s = lease.wait_s
+            call.work_running = True
             work = self.owner.spawn(self._post(queue, lease, call), call.request_id)
             try:
                 async with asyncio.timeout(max(0.0, deadline - queue.clock())):
                     reply = await asyncio.shield(work)
             except TimeoutError:
+                if work.done() and not work.cancelled() and work.exception() is None:
+                    reply = work.result()  # finished at the deadline itself: deliver it
+                    if reply.status == 200:
+                        return self._rewrite(call, reply.body)
                 call.status = "abandoned"
                 raise DeadlineExceeded(
                     f"request to {call.spec.id!r} did not finish within "
@@ -166,16 +213,26 @@ class Gateway:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _post(self, queue: ModelQueue, lease: Lease, call: Call) -> WorkerReply:
+        """The work itself: shielded from the client, so a deadline or a client
+        that leaves does not cancel it.  It settles the call when it ends with an
+        answer, or when it was abandoned."""
         started = queue.clock()
-        ok = False
+        reply: WorkerReply | None = None
         try:
             reply = await self.client.post(lease.replica.base_url + call.path, call.payload)
-            ok = True
             if reply.status == 200:
                 call.usage = _usage(reply.body.get("usage"))
             return reply
         finally:
-            queue.release(lease, run_s=queue.clock() - started if ok else None)
+            call.run_s = queue.clock() - started
+            queue.release(lease, run_s=call.run_s if reply is not None else None)
+            call.work_running = False
+            if reply is not None:
+                if call.status != "abandoned":
+                    call.status = "succeeded" if reply.status == 200 else "failed"
+                call.finish()
+            elif call.status == "abandoned":
+                call.finish()
 
     def _rewrite(self, call: Call, body: dict[str, Any]) -> dict[str, Any]:
         choices = body.get("choices") or []
@@ -197,12 +254,25 @@ class Gateway:
 
     async def open_stream(self, call: Call) -> AsyncIterator[bytes]:
         """Start a stream; errors before its first event are raised as HTTP errors."""
+        try:
+            return await self._open_stream(call)
+        except DeadlineExceeded as exc:
+            if not call.work_running:
+                call.finish("cancelled" if exc.code == "queue_timeout" else "failed")
+            raise
+        except BaseException:
+            if not call.work_running:
+                call.finish("cancelled")
+            raise
+
+    async def _open_stream(self, call: Call) -> AsyncIterator[bytes]:
         queue = self.scheduler.queue(call.spec.id)
         enqueued = queue.clock()
         deadline = enqueued + call.spec.scaling.request_timeout_s
         for attempt in range(self.retries + 1):
             lease = await queue.acquire(deadline, enqueued)
             call.deployment_id = lease.replica.id
+            call.wait_s = lease.wait_s
             url = lease.replica.base_url + call.path
             try:
                 async with asyncio.timeout(max(0.0, deadline - queue.clock())):
@@ -224,6 +294,7 @@ class Gateway:
                 call.status = "failed"
                 raise _worker_error(call, WorkerReply(stream.status, body))
             pump = _Pump(self, call, queue, lease, stream)
+            call.work_running = True
             pump.task = self.owner.spawn(pump.run(), call.request_id)
             try:
                 first = await pump.next(deadline)
@@ -293,9 +364,11 @@ class Gateway:
             yield b"data: [DONE]\n\n"
         finally:
             if call.status == "pending":
-                call.status = "cancelled"  # the client went away: stop the worker too
+                call.status = "disconnected"  # the client went away: stop the worker too
             if call.status != "abandoned":
                 pump.cancel()
+                call.run_s = pump.queue.clock() - pump.started
+                call.finish()
 
     def _chunk(self, call: Call, data: bytes) -> bytes | None:
         try:
@@ -307,7 +380,9 @@ class Gateway:
         if "error" in obj:
             raise WorkerBroke(str(obj["error"])[:500])
         usage = obj.pop("usage", None)
-        obj.pop("timings", None)
+        progress = _timings_usage(obj.pop("timings", None))
+        if progress:
+            call.usage = progress
         if usage:
             call.usage = _usage(usage)
         obj["id"] = call.response_id
@@ -366,7 +441,11 @@ class _Pump:
             self.items.put_nowait(exc)
         finally:
             self.stream.close()
-            self.queue.release(self.lease, run_s=self.queue.clock() - self.started)
+            self.call.run_s = self.queue.clock() - self.started
+            self.queue.release(self.lease, run_s=self.call.run_s)
+            self.call.work_running = False
+            if self.abandoned:
+                self.call.finish()
 
     async def next(self, deadline: float) -> object:
         try:

@@ -20,7 +20,7 @@ from enum import StrEnum
 
 from sqlalchemy import select, update
 
-from modelfleet.db import Database
+from modelfleet.db import Database, bump_version
 from modelfleet.errors import AuthenticationError, InvalidRequest, NotFound
 from modelfleet.ids import new_id
 from modelfleet.tables import ApiKey, Project
@@ -31,8 +31,9 @@ _PROJECT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
 class Scope(StrEnum):
-    inference = "inference"
-    admin = "admin"
+    inference = "inference"  # call models
+    read = "read"  # read its own project's usage, ledger and balance
+    admin = "admin"  # manage the platform (implies the others)
 
 
 def hash_key(raw: str) -> str:
@@ -56,6 +57,10 @@ class Principal:
     def has(self, scope: Scope) -> bool:
         return scope.value in self.scopes or Scope.admin.value in self.scopes
 
+    @property
+    def is_admin(self) -> bool:
+        return Scope.admin.value in self.scopes
+
 
 @dataclass(frozen=True)
 class CreatedKey:
@@ -70,6 +75,7 @@ class CreatedKey:
 @dataclass(frozen=True)
 class KeyInfo:
     key_id: str
+    project_id: str
     project_name: str
     name: str
     prefix: str
@@ -132,8 +138,9 @@ class KeyService:
             found = await session.scalar(select(Project).where(Project.name == name))
             if found is not None:
                 return found.id, False
-            project = Project(id=new_id(), name=name, created_at=_now())
+            project = Project(id=new_id(), name=name, created_at=_now(), plan="default")
             session.add(project)
+            await bump_version(session)
             return project.id, True
 
     async def list_projects(self) -> list[tuple[str, str, datetime]]:
@@ -173,16 +180,21 @@ class KeyService:
             session.add(row)
         return CreatedKey(raw, row.id, project_id, project, row.prefix, scope_list)
 
-    async def list_keys(self, project: str | None = None) -> list[KeyInfo]:
+    async def list_keys(
+        self, project: str | None = None, *, project_id: str | None = None
+    ) -> list[KeyInfo]:
         self_used = dict(self._used)
         stmt = select(ApiKey, Project.name).join(Project).order_by(ApiKey.created_at)
         if project is not None:
             stmt = stmt.where(Project.name == project)
+        if project_id is not None:
+            stmt = stmt.where(ApiKey.project_id == project_id)
         async with self._db.session() as session:
             rows = (await session.execute(stmt)).all()
         return [
             KeyInfo(
                 key_id=k.id,
+                project_id=k.project_id,
                 project_name=pname,
                 name=k.name,
                 prefix=k.prefix,
@@ -195,15 +207,58 @@ class KeyService:
             for k, pname in rows
         ]
 
-    async def revoke(self, key_id: str) -> None:
+    async def get(self, key_id: str) -> KeyInfo:
+        for info in await self.list_keys():
+            if info.key_id == key_id:
+                return info
+        raise NotFound(f"no key with id {key_id!r}", code="key_not_found")
+
+    async def revoke(self, key_id: str, *, project_id: str | None = None) -> None:
+        """Revoke now; the next request with the key is refused (401)."""
         async with self._db.session() as session, session.begin():
             row = await session.get(ApiKey, key_id)
-            if row is None:
+            if row is None or (project_id is not None and row.project_id != project_id):
                 raise NotFound(f"no key with id {key_id!r}", code="key_not_found")
             if row.revoked_at is None:
                 row.revoked_at = _now()
             digest = row.key_hash
+            await bump_version(session)
         self._cache.pop(digest, None)
+
+    async def rotate(
+        self, key_id: str, grace_s: float, *, project_id: str | None = None
+    ) -> CreatedKey:
+        """A new key with the same project, scopes and name; the old one keeps
+        working for ``grace_s`` seconds (0: stops now), then expires."""
+        if not 0 <= grace_s <= 30 * 86400:
+            raise InvalidRequest("grace must be between 0 and 30 days", param="grace_seconds")
+        async with self._db.session() as session, session.begin():
+            row = await session.get(ApiKey, key_id)
+            if row is None or (project_id is not None and row.project_id != project_id):
+                raise NotFound(f"no key with id {key_id!r}", code="key_not_found")
+            if row.revoked_at is not None:
+                raise InvalidRequest("a revoked key cannot be rotated", param="key_id")
+            project = await session.get(Project, row.project_id)
+            assert project is not None
+            raw = generate_key()
+            new = ApiKey(
+                id=new_id(), project_id=row.project_id, name=row.name, prefix=raw[:11],
+                key_hash=hash_key(raw), scopes=row.scopes, created_at=_now(),
+                expires_at=row.expires_at,
+            )
+            session.add(new)
+            ends = datetime.fromtimestamp(_now().timestamp() + grace_s, UTC)
+            if row.expires_at is None or row.expires_at > ends:
+                row.expires_at = ends
+            digest = row.key_hash
+            await bump_version(session)
+        self._cache.pop(digest, None)
+        return CreatedKey(raw, new.id, new.project_id, project.name, new.prefix,
+                          tuple(new.scopes.split()))
+
+    def forget_cached(self) -> None:
+        """Drop every cached key (the store changed in another process)."""
+        self._cache.clear()
 
     async def authenticate(self, raw: str | None) -> Principal:
         """The principal behind a presented key, or AuthenticationError (401)."""

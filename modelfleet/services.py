@@ -8,16 +8,52 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from modelfleet.catalog import Catalog, load_catalog
-from modelfleet.db import Database, migrate
+from modelfleet.db import Database, VersionProbe, migrate
 from modelfleet.engines.http import WorkerClient
 from modelfleet.fleet import Fleet
 from modelfleet.gateway import Gateway
 from modelfleet.keys import CreatedKey, KeyService, Scope
+from modelfleet.ledger import Ledger
+from modelfleet.limits import RateLimiter
+from modelfleet.metering import Metering
+from modelfleet.projects import ProjectService
 from modelfleet.scheduler import Scheduler
 from modelfleet.settings import Settings
 from modelfleet.tasks import TaskOwner
 
 log = logging.getLogger(__name__)
+
+
+class StoreWatcher:
+    """Reloads what this process caches when another one changed the store
+    (a key revoked or a project topped up from the CLI): checked per request."""
+
+    def __init__(self, probe: VersionProbe, keys: KeyService, projects: ProjectService,
+                 ledger: Ledger) -> None:
+        self.probe = probe
+        self.keys = keys
+        self.projects = projects
+        self.ledger = ledger
+        self.version = -1
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        self.version = await self.probe.read()
+        await self.projects.load()
+        await self.ledger.load(self.version)
+
+    async def check(self) -> None:
+        version = await self.probe.read()
+        if version == self.version:
+            return
+        async with self._lock:
+            version = await self.probe.read()
+            if version == self.version:
+                return
+            self.keys.forget_cached()
+            await self.projects.load()
+            await self.ledger.catch_up(version)
+            self.version = version
 
 
 @dataclass
@@ -30,6 +66,10 @@ class Services:
     fleet: Fleet
     scheduler: Scheduler
     gateway: Gateway
+    projects: ProjectService
+    ledger: Ledger
+    metering: Metering
+    watcher: StoreWatcher
     background: TaskOwner
     # Called with the key made on first start, to show it once to the operator.
     on_bootstrap_key: Callable[[CreatedKey], None] = lambda key: None
@@ -44,25 +84,38 @@ class Services:
         gateway = Gateway(
             catalog, fleet, scheduler, client, dispatch_retries=settings.fleet.dispatch_retries
         )
+        keys = KeyService(db)
+        projects = ProjectService(db, catalog)
+        ledger = Ledger(db)
         return cls(
             settings=settings,
             catalog=catalog,
             db=db,
-            keys=KeyService(db),
+            keys=keys,
             client=client,
             fleet=fleet,
             scheduler=scheduler,
             gateway=gateway,
+            projects=projects,
+            ledger=ledger,
+            metering=Metering(projects, RateLimiter(), ledger, enabled=settings.metering),
+            watcher=StoreWatcher(VersionProbe(db), keys, projects, ledger),
             background=TaskOwner("services"),
         )
 
     async def start(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(migrate, self.settings.db_url)
+        await self.watcher.start()
         if self.settings.bootstrap_default_key and await self.keys.count_projects() == 0:
             created = await self.keys.create("default", [Scope.inference.value], name="bootstrap")
+            if self.settings.bootstrap_credit > 0:
+                await self.ledger.credit(created.project_id, self.settings.bootstrap_credit,
+                                         kind="topup", reason="welcome credit", actor="bootstrap")
+            await self.watcher.check()
             self.on_bootstrap_key(created)
         await self.client.start()
+        self.background.spawn(self.ledger.run_writer(), "ledger-writer")
         self.fleet.start()
         self.background.spawn(self._flush_keys(), "key-usage")
 
@@ -75,10 +128,15 @@ class Services:
                 log.exception("could not record key usage")
 
     async def stop(self) -> None:
+        await self.gateway.close()  # ends in-flight work, which settles it
+        try:
+            await asyncio.wait_for(self.ledger.drain(), 10)
+        except Exception:
+            log.exception("could not write every usage record before stopping")
         await self.background.close()
-        await self.gateway.close()
         await self.fleet.close()
         await self.client.close()
+        self.watcher.probe.close()
         try:
             await self.keys.flush_last_used()
         finally:

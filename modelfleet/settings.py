@@ -57,8 +57,13 @@ class Settings:
     fleet: FleetSettings = field(default_factory=FleetSettings)
     # Window for the catalog's recent_summary_stats, in seconds.
     stats_window_s: float = 900.0
-    # Create a `default` project and print an inference key on first start.
+    # Create a `default` project and print an inference key on first start,
+    # with this many micro-units of credit (so a new user can call at once).
     bootstrap_default_key: bool = True
+    bootstrap_credit: int = 100_000_000
+    # Rate limits and billing.  Off: requests are neither limited nor charged
+    # (usage is still recorded); for free internal deployments and benchmarks.
+    metering: bool = True
 
     @property
     def db_url(self) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import DateTime, ForeignKey, Index, String, TypeDecorator
+from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, Integer, String, TypeDecorator
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -40,6 +40,7 @@ class Project(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    plan: Mapped[str] = mapped_column(String(50), default="default")
 
 
 class ApiKey(Base):
@@ -60,3 +61,94 @@ class ApiKey(Base):
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
     __table_args__ = (Index("ix_api_keys_project_id", "project_id"),)
+
+
+class Meta(Base):
+    """Small shared values; ``version`` is bumped by every admin change so that
+    every process serving this store reloads what it caches."""
+
+    __tablename__ = "meta"
+
+    key: Mapped[str] = mapped_column(String(50), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger)
+
+
+class Plan(Base):
+    """A named tier: limits per key and per project (NULL: unlimited)."""
+
+    __tablename__ = "plans"
+
+    name: Mapped[str] = mapped_column(String(50), primary_key=True)
+    key_rpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    key_tpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    key_concurrency: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    project_rpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    project_tpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    project_concurrency: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    weight: Mapped[int] = mapped_column(Integer, default=1)
+
+
+class ProjectModel(Base):
+    """A model deployed to a project; a project with no rows may use every model."""
+
+    __tablename__ = "project_models"
+
+    project_id: Mapped[str] = mapped_column(
+        ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True
+    )
+    model_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+
+
+class PriceOverride(Base):
+    """An operator's price for a model, over the catalog's."""
+
+    __tablename__ = "prices"
+
+    model_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    input_per_million: Mapped[int] = mapped_column(BigInteger)
+    output_per_million: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class LedgerEntry(Base):
+    """Every change of a project's money, appended, never updated.  Amounts are
+    signed micro-units: top-ups positive, usage negative."""
+
+    __tablename__ = "ledger"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(36), unique=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    amount: Mapped[int] = mapped_column(BigInteger)
+    kind: Mapped[str] = mapped_column(String(20))  # topup, adjustment, usage
+    reason: Mapped[str] = mapped_column(String(500), default="")
+    request_id: Mapped[str | None] = mapped_column(String(36), nullable=True, unique=True)
+    actor: Mapped[str] = mapped_column(String(100), default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (Index("ix_ledger_project_seq", "project_id", "seq"),)
+
+
+class UsageRecord(Base):
+    """Exactly one per inference request that was admitted."""
+
+    __tablename__ = "usage"
+
+    request_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    key_id: Mapped[str] = mapped_column(String(36))
+    model_id: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(20))
+    input_tokens: Mapped[int] = mapped_column(Integer)
+    output_tokens: Mapped[int] = mapped_column(Integer)
+    cost: Mapped[int] = mapped_column(BigInteger)
+    wait_ms: Mapped[int] = mapped_column(Integer)
+    run_ms: Mapped[int] = mapped_column(Integer)
+    total_ms: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (
+        Index("ix_usage_project_created", "project_id", "created_at"),
+        Index("ix_usage_key", "key_id"),
+    )

@@ -81,12 +81,12 @@ def router(services: Services) -> APIRouter:
 
     @api.get("/v1/models", tags=["models"])
     async def list_models(request: Request) -> dict[str, Any]:
-        await require(services.keys, request, None)
+        await require(services, request, None)
         return {"object": "list", "data": [view.openai_model(s) for s in catalog]}
 
     @api.get("/v1/models/{model_id:path}", tags=["models"])
     async def get_model(model_id: str, request: Request) -> dict[str, Any]:
-        await require(services.keys, request, None)
+        await require(services, request, None)
         spec = catalog.resolve(model_id)
         if spec is None:
             raise ModelNotFound(f"model {model_id!r} does not exist", param="model")
@@ -115,7 +115,7 @@ def router(services: Services) -> APIRouter:
     @api.get("/v1/admin/replicas", tags=["admin"])
     async def replicas(request: Request) -> dict[str, Any]:
         """Every replica with its process, port and load (admin scope)."""
-        await require(services.keys, request, Scope.admin)
+        await require(services, request, Scope.admin)
         rows = []
         for model_id, pool in services.fleet.pools.items():
             for r in pool.replicas:

@@ -34,6 +34,7 @@ def _openapi_body(model: type[BaseModel]) -> dict[str, Any]:
 def router(services: Services) -> APIRouter:
     api = APIRouter()
     gateway = services.gateway
+    metering = services.metering
     limit = services.settings.http.max_body_bytes
 
     async def run(
@@ -43,26 +44,27 @@ def router(services: Services) -> APIRouter:
         build: Callable[[ModelSpec, Any, int], dict[str, Any]],
         path: str,
     ) -> Response:
-        principal = await require(services.keys, request, Scope.inference)
-        raw = await read_body(request, limit)
-        body = parse_body(model, raw)
-        spec = gateway.resolve(body.model)
-        if len(raw) > spec.limits.max_request_bytes:
-            raise RequestTooLarge(
-                f"request body is {len(raw)} bytes; model {spec.id!r} takes at most "
-                f"{spec.limits.max_request_bytes}"
-            )
-        call: Call | None = None
+        principal = await require(services, request, Scope.inference)
+        headers: dict[str, str] = {}
         try:
+            if metering.enabled:
+                headers = metering.peek_headers(principal)
+            raw = await read_body(request, limit)
+            body = parse_body(model, raw)
+            spec = gateway.resolve(body.model)
+            metering.check_model(principal, spec, body.model)
+            headers.update({"X-Model-Used": spec.id, "X-Route-Model": body.model,
+                            "X-Backend": spec.backend})
+            if len(raw) > spec.limits.max_request_bytes:
+                raise RequestTooLarge(
+                    f"request body is {len(raw)} bytes; model {spec.id!r} takes at most "
+                    f"{spec.limits.max_request_bytes}"
+                )
             max_tokens = validate(spec, body)
-            payload = gateway.fleet.pools[spec.id].engine.adapt(
-                build(spec, body, max_tokens), body.metadata
-            )
-            stream = bool(body.stream)
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            if stream:
-                payload["stream"] = True
-                payload["stream_options"] = {"include_usage": True}
+            engine = gateway.fleet.pools[spec.id].engine
+            payload = engine.adapt(build(spec, body, max_tokens), body.metadata)
+            if body.stream:
+                engine.prepare_stream(payload)
             call = Call(
                 request_id=request_id(request),
                 route_model=body.model,
@@ -70,22 +72,26 @@ def router(services: Services) -> APIRouter:
                 principal=principal,
                 path=path,
                 payload=payload,
-                stream=stream,
-                include_usage=include_usage,
+                stream=bool(body.stream),
+                include_usage=bool(body.stream_options and body.stream_options.include_usage),
             )
-            if stream:
+            if metering.enabled:
+                ticket = metering.admit(principal, spec, payload, max_tokens)
+                headers.update(ticket.headers)
+                call.on_finish = lambda c: ticket.settle(
+                    request_id=c.request_id, status=c.status, usage=c.usage,
+                    wait_s=c.wait_s, run_s=c.run_s,
+                )
+            if call.stream:
                 events = await gateway.open_stream(call)
                 return StreamingResponse(
-                    events,
-                    media_type="text/event-stream",
-                    headers={**SSE_HEADERS, **call.headers()},
+                    events, media_type="text/event-stream",
+                    headers={**SSE_HEADERS, **headers, **call.headers()},
                 )
             result = await gateway.complete(call)
-            return JSONResponse(result, headers=call.headers())
+            return JSONResponse(result, headers={**headers, **call.headers()})
         except ModelfleetError as exc:
-            exc.headers.update(call.headers() if call else {
-                "X-Model-Used": spec.id, "X-Route-Model": body.model, "X-Backend": spec.backend,
-            })
+            exc.headers = {**headers, **exc.headers}
             raise
 
     @api.post(

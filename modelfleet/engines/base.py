@@ -44,6 +44,11 @@ class Engine(ABC):
             payload["metadata"] = metadata
         return payload
 
+    def prepare_stream(self, payload: dict[str, Any]) -> None:
+        """Ask the worker for what a stream needs (usage at the end, at least)."""
+        payload["stream"] = True
+        payload["stream_options"] = {"include_usage": True}
+
 
 def engine_for(spec: ModelSpec, models_dir: Path, llama_server: Path | None = None) -> Engine:
     from modelfleet.engines.llamacpp import LlamaCppEngine

@@ -109,6 +109,12 @@ class LlamaCppEngine(Engine):
         )
         return LaunchPlan(argv=argv, env=env, health_path="/health")
 
+    def prepare_stream(self, payload: dict[str, Any]) -> None:
+        super().prepare_stream(payload)
+        # Token counts on every chunk: a client that leaves early pays exactly
+        # for what was generated until then.
+        payload["timings_per_token"] = True
+
     def adapt(self, payload: dict[str, Any], metadata: dict[str, Any] | None) -> dict[str, Any]:
         if metadata:
             for key, value in metadata.items():

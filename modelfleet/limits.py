@@ -1,0 +1,164 @@
+"""Rate limits: requests and tokens per minute, and concurrent requests, per
+key and per project, from the project's plan.
+
+Per-minute limits are token buckets: capacity = the limit, refilled at
+limit/60 per second.  Token limits take the request's worst case (prompt
+upper bound + every output token it may produce) before it runs and give
+back the unused part after, so no request can overshoot them.  Admission
+checks every bucket first and takes from all of them only if all allow it:
+one admission is atomic (the event loop runs it without interruption).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from modelfleet.errors import RateLimited
+from modelfleet.projects import PlanLimits
+
+
+class Bucket:
+    __slots__ = ("capacity", "level", "rate", "updated")
+
+    def __init__(self, capacity: int, now: float) -> None:
+        self.capacity = capacity
+        self.rate = capacity / 60.0
+        self.level = float(capacity)
+        self.updated = now
+
+    def refill(self, now: float) -> None:
+        if now > self.updated:
+            self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
+            self.updated = now
+
+    def wait_for(self, amount: float) -> float:
+        """Seconds until ``amount`` is available (inf if it never can be)."""
+        if amount > self.capacity:
+            return math.inf
+        return max(0.0, (amount - self.level) / self.rate)
+
+    def reset_in(self) -> float:
+        return (self.capacity - self.level) / self.rate
+
+
+@dataclass
+class Admission:
+    """What one admitted request holds, and the headers that describe it."""
+
+    buckets: list[tuple[Bucket, str]]  # (bucket, "requests" | "tokens")
+    counters: list[str]
+    reserved_tokens: int
+    headers: dict[str, str] = field(default_factory=dict)
+    released: bool = False
+
+
+class RateLimiter:
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._wall = wall
+        self._buckets: dict[tuple[str, str, int], Bucket] = {}
+        self._active: dict[str, int] = {}
+
+    def _bucket(self, scope: str, kind: str, limit: int, now: float) -> Bucket:
+        key = (scope, kind, limit)  # a changed limit starts a fresh bucket
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = Bucket(limit, now)
+        bucket.refill(now)
+        return bucket
+
+    def _plan_buckets(
+        self, plan: PlanLimits, key_id: str, project_id: str, now: float
+    ) -> list[tuple[Bucket, str, str]]:
+        out = []
+        for scope, who, rpm, tpm in (("key", key_id, plan.key_rpm, plan.key_tpm),
+                                     ("project", project_id, plan.project_rpm, plan.project_tpm)):
+            if rpm:
+                out.append((self._bucket(f"{scope}:{who}", "requests", rpm, now), "requests", scope))
+            if tpm:
+                out.append((self._bucket(f"{scope}:{who}", "tokens", tpm, now), "tokens", scope))
+        return out
+
+    def admit(self, plan: PlanLimits, key_id: str, project_id: str, tokens: int) -> Admission:
+        """Take one request and ``tokens`` from every limit, or raise 429."""
+        now = self._clock()
+        buckets = self._plan_buckets(plan, key_id, project_id, now)
+        for scope, who, limit in (("key", key_id, plan.key_concurrency),
+                                  ("project", project_id, plan.project_concurrency)):
+            if limit and self._active.get(f"{scope}:{who}", 0) >= limit:
+                raise self._refused(plan, buckets, f"concurrent_requests_per_{scope}",
+                                    f"{limit} concurrent requests per {scope}", 1.0)
+        for bucket, kind, scope in buckets:
+            amount = 1 if kind == "requests" else tokens
+            wait = bucket.wait_for(amount)
+            if wait > 0:
+                unit = "requests" if kind == "requests" else "tokens"
+                if math.isinf(wait):
+                    raise self._refused(
+                        plan, buckets, f"{unit}_per_minute_per_{scope}",
+                        f"{bucket.capacity} {unit} per minute per {scope}; this request needs "
+                        f"up to {amount} (prompt plus max output), which can never fit", None)
+                raise self._refused(plan, buckets, f"{unit}_per_minute_per_{scope}",
+                                    f"{bucket.capacity} {unit} per minute per {scope}", wait)
+        for bucket, kind, _scope in buckets:
+            bucket.level -= 1 if kind == "requests" else tokens
+        counters = [f"key:{key_id}", f"project:{project_id}"]
+        for name in counters:
+            self._active[name] = self._active.get(name, 0) + 1
+        admission = Admission([(b, k) for b, k, _ in buckets], counters, tokens)
+        admission.headers = self._headers(plan, buckets)
+        return admission
+
+    def release(self, admission: Admission, used_tokens: int) -> None:
+        """The request ended: free its concurrency and return unused tokens."""
+        if admission.released:
+            return
+        admission.released = True
+        for name in admission.counters:
+            self._active[name] = max(0, self._active.get(name, 0) - 1)
+        unused = max(0, admission.reserved_tokens - used_tokens)
+        if unused:
+            now = self._clock()
+            for bucket, kind in admission.buckets:
+                if kind == "tokens":
+                    bucket.refill(now)
+                    bucket.level = min(bucket.capacity, bucket.level + unused)
+
+    def peek(self, plan: PlanLimits, key_id: str, project_id: str) -> dict[str, str]:
+        """The headers for a response that took nothing (an error before admission)."""
+        return self._headers(plan, self._plan_buckets(plan, key_id, project_id, self._clock()))
+
+    def _refused(self, plan: PlanLimits, buckets: list[tuple[Bucket, str, str]], code: str,
+                 what: str, wait: float | None) -> RateLimited:
+        headers = self._headers(plan, buckets)
+        message = f"rate limit reached: {what} (plan {plan.name!r})"
+        if wait is not None:
+            retry = max(1, math.ceil(wait))
+            headers["Retry-After"] = str(retry)
+            message += f"; retry after {retry}s"
+        return RateLimited(message, code=f"rate_limit_{code}", headers=headers)
+
+    def _headers(self, plan: PlanLimits, buckets: list[tuple[Bucket, str, str]]) -> dict[str, str]:
+        """X-RateLimit-* (requests) and OpenAI's x-ratelimit-* (requests and tokens).
+        Where key and project both limit, the tighter one is reported."""
+        headers = {"X-RateLimit-Tier": plan.name}
+        wall = self._wall()
+        for kind in ("requests", "tokens"):
+            mine = [b for b, k, _ in buckets if k == kind]
+            if not mine:
+                continue
+            tight = min(mine, key=lambda b: b.level)
+            remaining = str(max(0, math.floor(tight.level)))
+            reset_in = max(b.reset_in() for b in mine)
+            headers[f"x-ratelimit-limit-{kind}"] = str(tight.capacity)
+            headers[f"x-ratelimit-remaining-{kind}"] = remaining
+            headers[f"x-ratelimit-reset-{kind}"] = f"{reset_in:.3f}s"
+            if kind == "requests":
+                headers["X-RateLimit-Limit"] = str(tight.capacity)
+                headers["X-RateLimit-Remaining"] = remaining
+                headers["X-RateLimit-Reset"] = str(math.ceil(wall + reset_in))
+        return headers
