@@ -89,5 +89,7 @@ class Settings:
         if binary := os.environ.get("MODELFLEET_LLAMA_SERVER"):
             fleet = FleetSettings(llama_server=Path(binary))
         values["fleet"] = fleet
+        if os.environ.get("MODELFLEET_METERING", "on").lower() in ("off", "0", "false", "no"):
+            values["metering"] = False
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]

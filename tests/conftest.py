@@ -63,6 +63,9 @@ def catalog_text(tmp: Path, *, warm: bool = True) -> str:
             _smol("test/queue-timeout", scaling="request_timeout_s = 0.2"),
             _smol("test/idle", scaling="idle_timeout_s = 1.0"),
             _smol("test/restart", scaling="concurrency = 2"),
+            _smol("test/priced", scaling="concurrency = 8",
+                  extra="[models.prices]\ninput_per_million = 1_000_000\n"
+                        "output_per_million = 10_000_000\n"),
         ]
     )
 

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from modelfleet.api.auth import require
 from modelfleet.catalog import ModelKind, ModelSpec
 from modelfleet.errors import ModelNotFound
-from modelfleet.keys import Scope
+from modelfleet.keys import Principal, Scope
 from modelfleet.services import Services
 
 ENDPOINTS = {
@@ -79,16 +79,22 @@ def router(services: Services) -> APIRouter:
     view = CatalogView(services)
     catalog = services.catalog
 
+    def visible(principal: Principal, spec: ModelSpec) -> bool:
+        info = services.projects.project(principal.project_id)
+        return info is None or info.may_use(spec.id)
+
     @api.get("/v1/models", tags=["models"])
     async def list_models(request: Request) -> dict[str, Any]:
-        await require(services, request, None)
-        return {"object": "list", "data": [view.openai_model(s) for s in catalog]}
+        """The models this key's project may use (its deployed models, or all)."""
+        principal = await require(services, request, None)
+        return {"object": "list",
+                "data": [view.openai_model(s) for s in catalog if visible(principal, s)]}
 
     @api.get("/v1/models/{model_id:path}", tags=["models"])
     async def get_model(model_id: str, request: Request) -> dict[str, Any]:
-        await require(services, request, None)
+        principal = await require(services, request, None)
         spec = catalog.resolve(model_id)
-        if spec is None:
+        if spec is None or not visible(principal, spec):
             raise ModelNotFound(f"model {model_id!r} does not exist", param="model")
         return view.openai_model(spec)
 
