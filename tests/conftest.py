@@ -58,7 +58,9 @@ def catalog_text(tmp: Path, *, warm: bool = True) -> str:
             _smol("test/missing", scaling="", model_file="/nonexistent/model.gguf"),
             _smol("test/broken", scaling="request_timeout_s = 60.0", model_file=str(junk)),
             _smol("test/running-timeout",
-                  scaling="min_replicas = 1\nrequest_timeout_s = 1.5\nconcurrency = 2")
+                  scaling="min_replicas = 1\nrequest_timeout_s = 1.5\nconcurrency = 2",
+                  extra="[models.prices]\ninput_per_million = 1_000_000\n"
+                        "output_per_million = 10_000_000\n")
             if warm else "",
             _smol("test/queue-timeout", scaling="request_timeout_s = 0.2"),
             _smol("test/idle", scaling="idle_timeout_s = 1.0"),

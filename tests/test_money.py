@@ -320,3 +320,26 @@ def test_failed_and_abandoned_requests_cost_nothing(server: Server) -> None:
     assert row[resp.headers["x-request-id"]][0] == "failed"
     assert row[resp.headers["x-request-id"]][3] == 0
     assert balance(server, "money-i") == before
+
+
+def test_abandoned_request_is_recorded_and_not_charged(server: Server) -> None:
+    model = "test/running-timeout"  # request_timeout_s = 1.5, min_replicas = 1
+    key = new_project(server, "money-j", credit=100_000)
+    before = balance(server, "money-j")
+    resp = chat(server, key, model=model, max_tokens=300)
+    assert resp.status_code == 504
+    rid = resp.headers["x-request-id"]
+    row = wait_usage(server, [rid], timeout=90)[rid]  # recorded when the worker finishes
+    status, _tin, tout, cost = row
+    assert status == "abandoned" and tout > 0 and cost == 0
+    assert balance(server, "money-j") == before
+
+
+def test_error_responses_carry_rate_limit_headers(server: Server) -> None:
+    key = new_project(server, "money-k", credit=100_000)
+    resp = chat(server, key, temperature=5)
+    assert resp.status_code == 400
+    assert resp.headers["x-ratelimit-tier"] == "default"
+    assert resp.headers["x-ratelimit-limit"] == "1000"
+    assert "x-ratelimit-remaining" in resp.headers and "x-ratelimit-reset" in resp.headers
+    assert resp.headers["x-model-used"] == PRICED
