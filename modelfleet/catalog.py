@@ -49,6 +49,10 @@ class LlamaCppEngine(_Strict):
     # Extra llama-server flags, appended as given (operator configuration).
     args: list[str] = Field(default_factory=list)
     startup_timeout_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 120.0
+    # What one replica needs, for placement: resident memory in MiB (default:
+    # the model file's size plus 256 MiB for context and runtime) and GPUs.
+    memory_mib: PositiveInt | None = None
+    gpus: Annotated[int, Field(ge=0)] = 0
 
 
 EngineSpec = Annotated[LlamaCppEngine, Field(discriminator="type")]
@@ -81,6 +85,9 @@ class Capabilities(_Strict):
 
 class Scaling(_Strict):
     min_replicas: Annotated[int, Field(ge=0)] = 0
+    # Seconds of sustained queueing (every slot busy, requests waiting) before
+    # another replica is added; the first replica starts at once.
+    scale_up_after_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 5.0
     max_replicas: PositiveInt = 1
     idle_timeout_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 300.0
     concurrency: PositiveInt = 4

@@ -15,16 +15,17 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from modelfleet.catalog import Catalog, ModelSpec
-from modelfleet.engines.base import Engine, ModelFileMissing, engine_for
+from modelfleet.engines.base import Engine, ModelFileMissing, Resources, engine_for
 from modelfleet.engines.http import WorkerClient
 from modelfleet.ids import short_id
-from modelfleet.settings import Settings
+from modelfleet.settings import FleetSettings, Settings
 from modelfleet.supervisor import Replica, ReplicaState, StartFailed, free_port
 from modelfleet.tasks import TaskOwner
 
@@ -43,6 +44,20 @@ class ScaleEvent:
     from_replicas: int
     to_replicas: int
     reason: str
+
+
+def machine_budget(settings: FleetSettings) -> Resources:
+    """What the local fleet may use: the settings, or 2 threads per core and 80%
+    of the machine's memory."""
+    threads = settings.cpu_threads or 2 * (os.cpu_count() or 1)
+    memory = settings.memory_mib
+    if memory is None:
+        try:
+            pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            memory = int(pages * 0.8) >> 20
+        except (ValueError, OSError):
+            memory = 4096
+    return Resources(threads=threads, memory_mib=memory, gpus=settings.gpus)
 
 
 class ModelPool:
@@ -78,6 +93,12 @@ class ModelPool:
         self.on_capacity: Callable[[], None] = lambda: None
         self.on_unavailable: Callable[[str], None] = lambda reason: None
         self.demand: Callable[[], int] = lambda: 0
+        self.waiting: Callable[[], int] = lambda: 0
+        # Set by the fleet: placement within the machine's budget.
+        self.room: Room | None = None
+        self.blocked: str | None = None  # why a wanted replica cannot start now
+        self._pressure_since: float | None = None
+        self.wall: Callable[[], float] = time.time
 
     # -- state as the API reports it -----------------------------------------
 
@@ -133,18 +154,43 @@ class ModelPool:
     # -- scaling -----------------------------------------------------------------
 
     def scale_for_demand(self) -> None:
-        """Raise the desired count to cover demand, and start what is missing."""
+        """The autoscaler's decision for this model, then start what is missing.
+
+        - below min_replicas: up to it;
+        - a request waiting and no replica: one, at once (cold start);
+        - every slot busy and requests waiting for ``scale_up_after_s``: one
+          more, up to what demand needs and max_replicas;
+        - down: idle replicas are stopped by ``reap_idle``.
+        """
         scaling = self.spec.scaling
-        demand = self.demand()
-        wanted = math.ceil(demand / scaling.concurrency) if demand else 0
-        wanted = max(scaling.min_replicas, min(scaling.max_replicas, wanted))
-        if wanted > self.desired:
-            self._record(self.desired, wanted, f"demand {demand} > capacity")
-            self.desired = wanted
+        now = self.clock()
+        demand, waiting = self.demand(), self.waiting()
+        needed = max(scaling.min_replicas,
+                     min(scaling.max_replicas, math.ceil(demand / scaling.concurrency)))
+        if self.desired < scaling.min_replicas:
+            self._set_desired(scaling.min_replicas, "min_replicas")
+        elif demand and self.desired == 0:
+            self._set_desired(1, "request waiting for a sleeping model")
+        pressure = waiting > 0 and self.free_replica() is None
+        if not pressure:
+            self._pressure_since = None
+        elif self._pressure_since is None:
+            self._pressure_since = now
+        elif (needed > self.desired and self.live_replicas >= self.desired
+              and now - self._pressure_since >= scaling.scale_up_after_s):
+            self._set_desired(self.desired + 1,
+                              f"queue sustained {now - self._pressure_since:.1f}s "
+                              f"({waiting} waiting, demand {demand})")
+            self._pressure_since = now
         self._converge()
 
+    def _set_desired(self, value: int, reason: str) -> None:
+        if value != self.desired:
+            self._record(self.desired, value, reason)
+            self.desired = value
+
     def _record(self, before: int, after: int, reason: str) -> None:
-        self.events.append(ScaleEvent(time.time(), self.spec.id, before, after, reason))
+        self.events.append(ScaleEvent(self.wall(), self.spec.id, before, after, reason))
         del self.events[:-200]
 
     def _converge(self) -> None:
@@ -152,6 +198,7 @@ class ModelPool:
             return
         missing = self.desired - self.live_replicas
         if missing <= 0:
+            self.blocked = None
             return
         wait = self._next_start_at - self.clock()
         if wait > 0:
@@ -161,6 +208,9 @@ class ModelPool:
                 )
             return
         for _ in range(missing):
+            if self.room is not None and not self.room.reserve(self):
+                return  # waits for room; the fleet retries when some is freed
+            self.blocked = None
             self._launch()
 
     async def _start_later(self, delay: float) -> None:
@@ -181,6 +231,7 @@ class ModelPool:
             settings=self.fleet_settings,
             clock=self.clock,
         )
+        replica.resources = self.engine.resources()
         self.replicas.append(replica)
         self.owner.spawn(self._run(replica), replica.id)
 
@@ -293,6 +344,20 @@ class ModelPool:
         with contextlib.suppress(ValueError):
             self.replicas.remove(replica)
 
+    def is_idle(self, replica: Replica) -> bool:
+        return (replica.state is ReplicaState.ready and replica.outstanding == 0
+                and self.waiting() == 0)
+
+    def evict(self, replica: Replica, reason: str) -> None:
+        """Stop an idle replica to make room for another model."""
+        before = self.live_replicas
+        self.desired = min(self.desired, before - 1)
+        self._record(before, before - 1, reason)
+        replica.state = ReplicaState.draining
+        self._forget(replica)
+        log.info("replica %s: %s", replica.id, reason)
+        self.owner.spawn(replica.stop(), f"{replica.id}:evict")
+
     async def reap_idle(self) -> None:
         """Stop replicas idle past the idle timeout, down to min_replicas."""
         scaling = self.spec.scaling
@@ -325,7 +390,66 @@ class ModelPool:
             "reason": reason,
             "ready_replicas": self.ready_replicas,
             "desired_replicas": self.desired,
+            "waiting_for_room": self.blocked if self.demand() else None,
         }
+
+
+class Room:
+    """Placement within the machine's budget (threads, memory, GPUs).
+
+    A replica starts only if everything running plus it fits.  If it does not,
+    idle replicas of other models are stopped, least recently used first (never
+    below their min_replicas, never one with work or waiting requests), as long
+    as that makes it fit; otherwise the model waits, and its requests with it,
+    until room is freed (or their deadlines pass).
+    """
+
+    def __init__(self, budget: Resources, pools: dict[str, ModelPool]) -> None:
+        self.budget = budget
+        self.pools = pools
+
+    def used(self) -> Resources:
+        total = Resources()
+        for pool in self.pools.values():
+            for replica in pool.replicas:
+                total = total + replica.resources
+        return total
+
+    def reserve(self, pool: ModelPool) -> bool:
+        need = pool.engine.resources()
+        if not need.fits_in(self.budget):
+            pool.blocked = f"one replica needs {need}; the fleet has {self.budget}"
+            return False
+        free = self.budget - self.used()
+        if need.fits_in(free):
+            return True
+        victims = sorted(
+            (r for other in self.pools.values() if other is not pool
+             for r in other.replicas
+             if other.is_idle(r) and other.live_replicas > other.spec.scaling.min_replicas),
+            key=lambda r: r.last_active,
+        )
+        chosen: list[Replica] = []
+        for victim in victims:
+            if need.fits_in(free):
+                break
+            if sum(1 for c in chosen if c.model_id == victim.model_id) >= (
+                    self.pools[victim.model_id].live_replicas
+                    - self.pools[victim.model_id].spec.scaling.min_replicas):
+                continue
+            chosen.append(victim)
+            free = free + victim.resources
+        if not need.fits_in(free):
+            pool.blocked = f"waiting for room: needs {need}, {self.budget - self.used()} free"
+            return False
+        for victim in chosen:
+            self.pools[victim.model_id].evict(victim, f"swapped out for {pool.spec.id}")
+        return True
+
+    def retry_blocked(self) -> None:
+        for pool in self.pools.values():
+            if pool.blocked is not None and pool.demand() > 0:
+                pool.scale_for_demand()
 
 
 class Fleet:
@@ -345,6 +469,9 @@ class Fleet:
         for spec in catalog:
             engine = engine_for(spec, settings.models_dir, settings.fleet.llama_server)
             self.pools[spec.id] = ModelPool(spec, engine, client, settings, self.owner, clock)
+        self.room = Room(machine_budget(settings.fleet), self.pools)
+        for pool in self.pools.values():
+            pool.room = self.room
 
     def start(self) -> None:
         for pool in self.pools.values():
@@ -352,13 +479,25 @@ class Fleet:
         self.owner.spawn(self._reaper(), "reaper")
 
     async def _reaper(self) -> None:
+        """Every reap interval: stop idle replicas, re-decide scale (sustained
+        queueing), and retry models waiting for room."""
         while True:
             await asyncio.sleep(self.settings.fleet.reap_interval_s)
+            self.tick()
             for pool in self.pools.values():
                 try:
                     await pool.reap_idle()
                 except Exception:  # keep reaping the other models
                     log.exception("idle reaper failed for %s", pool.spec.id)
+            self.room.retry_blocked()
+
+    def tick(self) -> None:
+        for pool in self.pools.values():
+            if pool.demand() or pool.desired < pool.spec.scaling.min_replicas:
+                pool.scale_for_demand()
+
+    def events(self) -> list[ScaleEvent]:
+        return sorted((e for p in self.pools.values() for e in p.events), key=lambda e: e.at)
 
     async def close(self) -> None:
         await self.owner.close()

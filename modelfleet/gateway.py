@@ -35,7 +35,7 @@ from modelfleet.errors import (
 from modelfleet.fleet import Fleet
 from modelfleet.keys import Principal
 from modelfleet.openai import shape
-from modelfleet.scheduler import Lease, ModelQueue, Scheduler
+from modelfleet.scheduler import ANONYMOUS, Claim, Lease, ModelQueue, Scheduler
 from modelfleet.tasks import TaskOwner
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ class Call:
     status: str = "pending"
     usage: dict[str, int] = field(default_factory=dict)
     created: int = field(default_factory=lambda: int(time.time()))
+    claim: Claim = ANONYMOUS  # fair-queue identity: project, weight, priority, cap
     wait_s: float = 0.0
     run_s: float = 0.0
     # Called once, when the work has ended (settlement); None: nothing to settle.
@@ -176,7 +177,7 @@ class Gateway:
         enqueued = queue.clock()
         deadline = enqueued + call.spec.scaling.request_timeout_s
         for attempt in range(self.retries + 1):
-            lease = await queue.acquire(deadline, enqueued)
+            lease = await queue.acquire(deadline, enqueued, call.claim)
             call.deployment_id = lease.replica.id
             call.wait_s = lease.wait_s
             call.work_running = True
@@ -270,7 +271,7 @@ class Gateway:
         enqueued = queue.clock()
         deadline = enqueued + call.spec.scaling.request_timeout_s
         for attempt in range(self.retries + 1):
-            lease = await queue.acquire(deadline, enqueued)
+            lease = await queue.acquire(deadline, enqueued, call.claim)
             call.deployment_id = lease.replica.id
             call.wait_s = lease.wait_s
             url = lease.replica.base_url + call.path

@@ -87,8 +87,9 @@ class RateLimiter:
         """Take one request and ``tokens`` from every limit, or raise 429."""
         now = self._clock()
         buckets = self._plan_buckets(plan, key_id, project_id, now)
-        for scope, who, limit in (("key", key_id, plan.key_concurrency),
-                                  ("project", project_id, plan.project_concurrency)):
+        # Per-key concurrency is refused here (429); a project's cap on running
+        # requests is applied by the scheduler, where its extra requests wait.
+        for scope, who, limit in (("key", key_id, plan.key_concurrency),):
             if limit and self._active.get(f"{scope}:{who}", 0) >= limit:
                 raise self._refused(plan, buckets, f"concurrent_requests_per_{scope}",
                                     f"{limit} concurrent requests per {scope}", 1.0)

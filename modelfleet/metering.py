@@ -11,6 +11,7 @@ What is charged: requests that succeeded, and streams the client left early
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from modelfleet.keys import Principal
 from modelfleet.ledger import Hold, Ledger, cost_of
 from modelfleet.limits import Admission, RateLimiter
 from modelfleet.projects import ProjectService
+from modelfleet.scheduler import Claim
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,19 @@ def completions_count(payload: dict[str, Any]) -> int:
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
         return n * len(prompt)
     return n
+
+
+def conversation_prefix(payload: dict[str, Any]) -> str | None:
+    """A key for "the same conversation": its first two messages (system prompt
+    and opening turn), or a prompt's first 512 characters."""
+    if "messages" in payload:
+        head = payload["messages"][:2]
+        raw = json.dumps(head, sort_keys=True, ensure_ascii=False)
+    elif isinstance(payload.get("prompt"), str):
+        raw = payload["prompt"][:512]
+    else:
+        return None
+    return hashlib.blake2b(raw.encode(), digest_size=12).hexdigest()
 
 
 @dataclass
@@ -115,6 +130,12 @@ class Metering:
         info = self.projects.project(principal.project_id)
         if info is not None and not info.may_use(spec.id):
             raise ModelNotFound(f"model {route_name!r} does not exist", param="model")
+
+    def claim(self, principal: Principal, payload: dict[str, Any]) -> Claim:
+        """The request's place in the fair queue."""
+        plan = self.projects.plan_of(principal.project_id)
+        return Claim(project=principal.project_id, weight=plan.weight, priority=plan.priority,
+                     cap=plan.project_concurrency, prefix=conversation_prefix(payload))
 
     def peek_headers(self, principal: Principal) -> dict[str, str]:
         plan = self.projects.plan_of(principal.project_id)

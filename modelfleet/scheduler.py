@@ -9,16 +9,32 @@ requests in arrival order.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections import deque
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from modelfleet.errors import DeadlineExceeded, ModelUnavailable
+from modelfleet.fairqueue import FairQueue
 from modelfleet.fleet import Fleet, ModelPool
 from modelfleet.stats import RecentStats
 from modelfleet.supervisor import Replica
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Who asks for a slot, for fair ordering: the project, its plan's weight and
+    priority class, its running cap on this model, and the conversation prefix
+    (for affinity)."""
+
+    project: str = ""
+    weight: int = 1
+    priority: int = 0
+    cap: int | None = None
+    prefix: str | None = None
+
+
+ANONYMOUS = Claim()
 
 
 @dataclass
@@ -26,11 +42,18 @@ class Lease:
     replica: Replica
     enqueued_at: float
     acquired_at: float
+    project: str = ""
     released: bool = field(default=False)
 
     @property
     def wait_s(self) -> float:
         return self.acquired_at - self.enqueued_at
+
+
+@dataclass(eq=False)
+class _Waiter:
+    claim: Claim
+    future: asyncio.Future[Replica]
 
 
 class ModelQueue:
@@ -43,14 +66,21 @@ class ModelQueue:
         self.pool = pool
         self.stats = stats
         self.clock = clock
-        self._waiters: deque[asyncio.Future[Replica]] = deque()
+        self._waiters: FairQueue[_Waiter] = FairQueue()
+        self._running: dict[str, int] = {}
+        self._caps: dict[str, int | None] = {}
+        self._affinity: OrderedDict[str, str] = OrderedDict()
         pool.demand = self.demand
+        pool.waiting = lambda: self.waiting
         pool.on_capacity = self.dispatch
         pool.on_unavailable = self.fail_waiters
 
     @property
     def waiting(self) -> int:
-        return sum(1 for w in self._waiters if not w.done())
+        return len(self._waiters)
+
+    def running(self, project: str) -> int:
+        return self._running.get(project, 0)
 
     def demand(self) -> int:
         return self.waiting + sum(r.outstanding for r in self.pool.replicas)
@@ -60,78 +90,124 @@ class ModelQueue:
         if not available:
             raise ModelUnavailable(f"model {self.pool.spec.id!r} is unavailable: {reason}")
 
-    async def acquire(self, deadline: float, enqueued_at: float | None = None) -> Lease:
+    def _under_cap(self, claim: Claim) -> bool:
+        self._caps[claim.project] = claim.cap
+        return claim.cap is None or self.running(claim.project) < claim.cap
+
+    def _route(self, claim: Claim) -> Replica | None:
+        """The least loaded replica with room; the one that served this
+        conversation before if it is not more loaded than that."""
+        best = self.pool.free_replica()
+        if best is None or claim.prefix is None:
+            return best
+        preferred = self._affinity.get(claim.prefix)
+        for replica in self.pool.replicas:
+            if replica.id == preferred and replica.has_room:
+                if replica.outstanding <= best.outstanding:
+                    return replica
+                break
+        return best
+
+    def _grant(self, replica: Replica, claim: Claim) -> None:
+        replica.outstanding += 1
+        if claim.project:
+            self._running[claim.project] = self.running(claim.project) + 1
+        if claim.prefix is not None:
+            self._affinity[claim.prefix] = replica.id
+            self._affinity.move_to_end(claim.prefix)
+            if len(self._affinity) > 10_000:
+                self._affinity.popitem(last=False)
+
+    async def acquire(
+        self, deadline: float, enqueued_at: float | None = None, claim: Claim = ANONYMOUS
+    ) -> Lease:
         """A slot on a ready replica, waiting (until ``deadline``) if there is none."""
         enqueued = self.clock() if enqueued_at is None else enqueued_at
         self._refuse_if_unavailable()
-        if not self._waiters:
-            replica = self.pool.free_replica()
+        if not self._waiters and self._under_cap(claim):
+            replica = self._route(claim)
             if replica is not None:
-                replica.outstanding += 1
-                return Lease(replica, enqueued, self.clock())
-        fut: asyncio.Future[Replica] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
+                self._grant(replica, claim)
+                return Lease(replica, enqueued, self.clock(), claim.project)
+        self._caps[claim.project] = claim.cap
+        waiter = _Waiter(claim, asyncio.get_running_loop().create_future())
+        self._waiters.push(waiter, project=claim.project, weight=claim.weight,
+                           priority=claim.priority)
         self.pool.scale_for_demand()
         self.dispatch()
         try:
             async with asyncio.timeout(max(0.0, deadline - self.clock())):
-                replica = await fut
+                replica = await waiter.future
         except TimeoutError:
-            self._abandon(fut)
+            self._abandon(waiter)
             raise DeadlineExceeded(
                 f"request to {self.pool.spec.id!r} timed out while queued "
                 f"(model state: {self.pool.state}); it was cancelled before it ran",
                 code="queue_timeout",
             ) from None
         except asyncio.CancelledError:
-            self._abandon(fut)
+            self._abandon(waiter)
             raise
-        return Lease(replica, enqueued, self.clock())
+        return Lease(replica, enqueued, self.clock(), claim.project)
 
-    def _abandon(self, fut: asyncio.Future[Replica]) -> None:
+    def _abandon(self, waiter: _Waiter) -> None:
         """A waiter gave up; give back a slot it was handed at the same moment."""
+        fut = waiter.future
         if fut.done() and not fut.cancelled() and fut.exception() is None:
-            replica = fut.result()
-            replica.outstanding -= 1
+            self._give_back(fut.result(), waiter.claim.project)
             self.dispatch()
         else:
             fut.cancel()
-        with contextlib.suppress(ValueError):
-            self._waiters.remove(fut)
+        self._waiters.remove(waiter)
+
+    def _give_back(self, replica: Replica, project: str) -> None:
+        replica.outstanding -= 1
+        if project:
+            left = self.running(project) - 1
+            if left > 0:
+                self._running[project] = left
+            else:
+                self._running.pop(project, None)
 
     def release(self, lease: Lease, *, run_s: float | None = None) -> None:
         if lease.released:
             return
         lease.released = True
         replica = lease.replica
-        replica.outstanding -= 1
+        self._give_back(replica, lease.project)
         replica.served += 1
         replica.last_active = self.clock()
         if run_s is not None:
             self.stats.record(lease.wait_s, run_s)
         self.dispatch()
+        if replica.outstanding == 0 and self.pool.room is not None:
+            self.pool.room.retry_blocked()  # an idle replica may be swapped out now
 
     def dispatch(self) -> None:
-        while self._waiters:
-            head = self._waiters[0]
-            if head.done():
-                self._waiters.popleft()
+        """Hand free slots to waiting requests in fair order."""
+        while self._waiters and self.pool.free_replica() is not None:
+            waiter = self._waiters.pop(
+                lambda project: project == "" or self._under_cap_of(project))
+            if waiter is None:
+                break  # every waiting project is at its running cap
+            if waiter.future.done():
                 continue
-            replica = self.pool.free_replica()
-            if replica is None:
-                break
-            self._waiters.popleft()
-            replica.outstanding += 1
-            head.set_result(replica)
+            replica = self._route(waiter.claim)
+            assert replica is not None
+            self._grant(replica, waiter.claim)
+            waiter.future.set_result(replica)
         if self.waiting:
             self.pool.scale_for_demand()
 
+    def _under_cap_of(self, project: str) -> bool:
+        cap = self._caps.get(project)
+        return cap is None or self.running(project) < cap
+
     def fail_waiters(self, reason: str) -> None:
         error = f"model {self.pool.spec.id!r} is unavailable: {reason}"
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_exception(ModelUnavailable(error))
+        while (waiter := self._waiters.pop()) is not None:
+            if not waiter.future.done():
+                waiter.future.set_exception(ModelUnavailable(error))
 
 
 class Scheduler:

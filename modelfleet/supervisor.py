@@ -21,7 +21,7 @@ from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 
-from modelfleet.engines.base import LaunchPlan
+from modelfleet.engines.base import LaunchPlan, Resources
 from modelfleet.engines.http import WorkerClient
 from modelfleet.settings import FleetSettings
 
@@ -75,6 +75,7 @@ class Replica:
         self.started_at = clock()
         self.ready_at: float | None = None
         self.failure: str | None = None
+        self.resources = Resources()
         self._client = client
         self._settings = settings
         self._proc: asyncio.subprocess.Process | None = None

@@ -259,6 +259,7 @@ async def test_runtime_endpoint_is_public(app: Actors) -> None:
     assert rows[CHAT] == {
         "model": CHAT, "kind": "chat", "state": "sleeping", "available": True, "reason": None,
         "ready_replicas": 0, "desired_replicas": 0, "queued": 0, "in_flight": 0,
+        "waiting_for_room": None,
     }
 
 

@@ -75,6 +75,7 @@ def router(services: Services) -> APIRouter:
                 stream=bool(body.stream),
                 include_usage=bool(body.stream_options and body.stream_options.include_usage),
             )
+            call.claim = metering.claim(principal, payload)
             if metering.enabled:
                 ticket = metering.admit(principal, spec, payload, max_tokens)
                 headers.update(ticket.headers)

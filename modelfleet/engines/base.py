@@ -15,6 +15,30 @@ class ModelFileMissing(Exception):
 
 
 @dataclass(frozen=True)
+class Resources:
+    """What one replica needs, or what the fleet has."""
+
+    threads: int = 0
+    memory_mib: int = 0
+    gpus: int = 0
+
+    def __add__(self, other: Resources) -> Resources:
+        return Resources(self.threads + other.threads, self.memory_mib + other.memory_mib,
+                         self.gpus + other.gpus)
+
+    def __sub__(self, other: Resources) -> Resources:
+        return Resources(self.threads - other.threads, self.memory_mib - other.memory_mib,
+                         self.gpus - other.gpus)
+
+    def fits_in(self, budget: Resources) -> bool:
+        return (self.threads <= budget.threads and self.memory_mib <= budget.memory_mib
+                and self.gpus <= budget.gpus)
+
+    def __str__(self) -> str:
+        return f"{self.threads} threads, {self.memory_mib} MiB, {self.gpus} GPUs"
+
+
+@dataclass(frozen=True)
 class LaunchPlan:
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
@@ -33,6 +57,10 @@ class Engine(ABC):
     @abstractmethod
     def check(self) -> None:
         """Raise ModelFileMissing if a replica could not start for lack of files."""
+
+    @abstractmethod
+    def resources(self) -> Resources:
+        """What one replica of this model needs."""
 
     @abstractmethod
     def launch(self, port: int) -> LaunchPlan:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from modelfleet.engines import modelfiles
-from modelfleet.engines.base import Engine, LaunchPlan, ModelFileMissing
+from modelfleet.engines.base import Engine, LaunchPlan, ModelFileMissing, Resources
 
 # Sampling settings llama-server reads from the top level of a request body.
 # When a client puts them in `metadata` (model-specific parameters), they are
@@ -75,6 +75,18 @@ class LlamaCppEngine(Engine):
     def _model_path(self) -> Path:
         engine = self.spec.engine
         return modelfiles.resolve(engine.model_file, self.models_dir, engine.pypi_package)
+
+    def resources(self) -> Resources:
+        engine = self.spec.engine
+        memory = engine.memory_mib
+        if memory is None:
+            try:
+                size = self._model_path().stat().st_size if not engine.model_file.startswith(
+                    "package-assemble:") else 0
+            except (ModelFileMissing, OSError):
+                size = 0
+            memory = size // (1 << 20) + 256 if size else 768
+        return Resources(threads=engine.threads, memory_mib=memory, gpus=engine.gpus)
 
     def check(self) -> None:
         find_llama_server(self._binary)
