@@ -1,35 +1,54 @@
-"""The ``modelfleet`` command: serve, keys, projects, models."""
+"""The ``modelfleet`` command: serve, keys, projects, credits, plans, prices, usage, models."""
 
 from __future__ import annotations
 
 import asyncio
+import csv
 import logging
+import re
+import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, NoReturn, TextIO, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from modelfleet.catalog import DEFAULT_CATALOG, CatalogError, load_catalog
+from modelfleet import reports
+from modelfleet.catalog import DEFAULT_CATALOG, Catalog, CatalogError, load_catalog
 from modelfleet.db import Database, migrate
-from modelfleet.errors import ModelfleetError
+from modelfleet.errors import InvalidRequest, ModelfleetError, NotFound
 from modelfleet.keys import CreatedKey, KeyService
+from modelfleet.ledger import MAX_AMOUNT, write_credit
+from modelfleet.projects import DEFAULT_PLAN, LIMIT_FIELDS, PlanLimits, ProjectInfo, ProjectService
 from modelfleet.settings import HttpSettings, Settings, default_data_dir
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
-keys_app = typer.Typer(no_args_is_help=True, help="Create, list and revoke API keys.")
-projects_app = typer.Typer(no_args_is_help=True, help="Create and list projects.")
+keys_app = typer.Typer(no_args_is_help=True, help="Create, list, revoke and rotate API keys.")
+projects_app = typer.Typer(no_args_is_help=True, help="Create, list and configure projects.")
+credits_app = typer.Typer(no_args_is_help=True,
+                          help="Top up, adjust and read balances (integer micro-units).")
+plans_app = typer.Typer(no_args_is_help=True, help="Plans (tiers): rate limits and priority.")
+prices_app = typer.Typer(no_args_is_help=True, help="Per-model prices over the catalog's.")
+usage_app = typer.Typer(no_args_is_help=True, help="Export usage records.")
 models_app = typer.Typer(no_args_is_help=True, help="Inspect the model catalog.")
 app.add_typer(keys_app, name="keys")
 app.add_typer(projects_app, name="projects")
+app.add_typer(credits_app, name="credits")
+app.add_typer(plans_app, name="plans")
+app.add_typer(prices_app, name="prices")
+app.add_typer(usage_app, name="usage")
 app.add_typer(models_app, name="models")
 
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 T = TypeVar("T")
+MAX_PRICE = MAX_AMOUNT
+INT32_MAX = 2**31 - 1
 
 DataDir = Annotated[
     Path | None,
@@ -44,8 +63,15 @@ def _settings(data_dir: Path | None, **extra: object) -> Settings:
     return Settings.from_env(data_dir=(data_dir or default_data_dir()).expanduser(), **extra)
 
 
-def _with_keys(data_dir: Path | None, work: Callable[[KeyService], Awaitable[T]]) -> T:
-    """Run ``work`` against the store in the data folder (migrated first)."""
+def _fail(message: str) -> NoReturn:
+    """Report bad input on stderr and exit 2."""
+    err.print(Text.assemble(("error:", "red"), " ", message))
+    raise typer.Exit(2)
+
+
+def _with_db(data_dir: Path | None, work: Callable[[Database], Awaitable[T]]) -> T:
+    """Run ``work`` against the store in the data folder (migrated first); a
+    ModelfleetError becomes ``error: ...`` on stderr and exit code 2."""
     settings = _settings(data_dir)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     migrate(settings.db_url)
@@ -53,15 +79,54 @@ def _with_keys(data_dir: Path | None, work: Callable[[KeyService], Awaitable[T]]
     async def main() -> T:
         db = Database(settings.db_url)
         try:
-            return await work(KeyService(db))
+            return await work(db)
         finally:
             await db.close()
 
     try:
         return asyncio.run(main())
     except ModelfleetError as exc:
-        err.print(f"[red]error:[/red] {exc.message}")
-        raise typer.Exit(2) from None
+        _fail(exc.message)
+
+
+def _with_keys(data_dir: Path | None, work: Callable[[KeyService], Awaitable[T]]) -> T:
+    """Run ``work`` with the store's keys and projects."""
+    return _with_db(data_dir, lambda db: work(KeyService(db)))
+
+
+def _catalog(path: Path | None) -> Catalog:
+    try:
+        return load_catalog(path or DEFAULT_CATALOG)
+    except CatalogError as exc:
+        _fail(f"catalog error: {exc}")
+
+
+async def _project_service(db: Database, catalog: Catalog) -> ProjectService:
+    projects = ProjectService(db, catalog)
+    await projects.load()
+    return projects
+
+
+def _find_project(projects: ProjectService, name: str) -> ProjectInfo:
+    info = projects.by_name(name)
+    if info is None:
+        raise NotFound(f"no project named {name!r}", code="project_not_found")
+    return info
+
+
+_INT_RE = re.compile(r"^[+-]?\d[\d_]*$")
+
+
+def _micro(value: str, *, positive: bool = False) -> int:
+    """An amount of micro-units, from text: a plain integer, nothing else."""
+    text = value.strip()
+    if not _INT_RE.match(text):
+        _fail(f"--amount must be an integer number of micro-units "
+              f"(1 unit = 1000000), got {value!r}")
+    amount = int(text)
+    if positive and amount <= 0:
+        _fail(f"a top-up must be a positive amount, got {amount}")
+    return amount
 
 
 def _show_key(created: CreatedKey, *, heading: str) -> None:
@@ -116,7 +181,7 @@ def serve(
 def keys_create(
     project: Annotated[str, typer.Option(help="Project the key belongs to (created if new)")],
     scope: Annotated[
-        list[str], typer.Option(help="inference or admin; repeat for several")
+        list[str], typer.Option(help="inference, read or admin; repeat for several")
     ] = ["inference"],  # noqa: B006
     name: Annotated[str, typer.Option(help="A label for the key")] = "",
     expires_in_days: Annotated[float | None, typer.Option(help="Expire after this many days")] = None,
@@ -153,6 +218,26 @@ def keys_revoke(key_id: str, data_dir: DataDir = None) -> None:
     err.print(f"revoked {key_id}")
 
 
+@keys_app.command("rotate")
+def keys_rotate(
+    key_id: str,
+    grace_seconds: Annotated[
+        float, typer.Option(help="Seconds the old key keeps working (0: it stops now)")
+    ],
+    data_dir: DataDir = None,
+) -> None:
+    """Replace a key with a new one (same project, scopes, name); print it once."""
+
+    async def work(keys: KeyService) -> CreatedKey:
+        old = await keys.get(key_id)
+        if reports.key_status(old) == "expired":
+            raise InvalidRequest("an expired key cannot be rotated; create a new one")
+        return await keys.rotate(key_id, grace_seconds)
+
+    created = _with_keys(data_dir, work)
+    _show_key(created, heading=f"Rotated {key_id}; the old key stops in {grace_seconds:g} s")
+
+
 @projects_app.command("create")
 def projects_create(name: str, data_dir: DataDir = None) -> None:
     """Create a project."""
@@ -166,6 +251,278 @@ def projects_list(data_dir: DataDir = None) -> None:
     rows = _with_keys(data_dir, lambda ks: ks.list_projects())
     _print_rows(["id", "name", "created"],
                 [[project_id, name, _when(created)] for project_id, name, created in rows])
+
+
+@projects_app.command("set")
+def projects_set(
+    project: Annotated[str, typer.Option(help="The project's name")],
+    plan: Annotated[str | None, typer.Option(help="Put the project on this plan")] = None,
+    models: Annotated[
+        str | None, typer.Option(help="Comma-separated models the project may use (ids or aliases)")
+    ] = None,
+    all_models: Annotated[
+        bool, typer.Option("--all-models", help="Let the project use every catalog model")
+    ] = False,
+    catalog: CatalogOpt = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Change a project's plan and deployed models."""
+    if models is not None and all_models:
+        _fail("give --models or --all-models, not both")
+    names: list[str] | None = None
+    if models is not None:
+        names = [m.strip() for m in models.split(",") if m.strip()]
+        if not names:
+            _fail("--models needs at least one model name (or use --all-models)")
+    if plan is None and names is None and not all_models:
+        _fail("nothing to change: give --plan, --models or --all-models")
+    parsed = _catalog(catalog)
+
+    async def work(db: Database) -> ProjectInfo:
+        projects = await _project_service(db, parsed)
+        info = _find_project(projects, project)
+        return await projects.update_project(info.id, plan=plan, models=names,
+                                             all_models=all_models)
+
+    info = _with_db(data_dir, work)
+    deployed = ", ".join(sorted(info.models)) if info.models is not None else "all models"
+    err.print(Text(f"{info.name}: plan {info.plan}; models: {deployed}"))
+
+
+# -- credits ------------------------------------------------------------------------
+
+
+def _credit(data_dir: Path | None, project: str, amount: int, kind: str, reason: str) -> None:
+    async def work(db: Database) -> tuple[dict[str, Any], int]:
+        info = _find_project(await _project_service(db, load_catalog(DEFAULT_CATALOG)), project)
+        entry = await write_credit(db, info.id, amount, kind=kind, reason=reason, actor="cli")
+        return entry, await reports.ledger_balance(db, info.id)
+
+    entry, balance = _with_db(data_dir, work)
+    err.print(Text(f"{kind} of {entry['amount']} micro-units to {project} (entry {entry['id']}); "
+                   f"balance now {balance} ({_units(balance)} units)"))
+
+
+@credits_app.command("topup")
+def credits_topup(
+    project: Annotated[str, typer.Option(help="The project's name")],
+    amount: Annotated[str, typer.Option(help="Micro-units to add (1 unit = 1000000); > 0")],
+    reason: Annotated[str, typer.Option(help="Why, for the ledger")] = "",
+    data_dir: DataDir = None,
+) -> None:
+    """Add credit to a project."""
+    _credit(data_dir, project, _micro(amount, positive=True), "topup", reason)
+
+
+@credits_app.command("adjust")
+def credits_adjust(
+    project: Annotated[str, typer.Option(help="The project's name")],
+    amount: Annotated[
+        str, typer.Option(help="Signed micro-units, not zero (use --amount=-5 for negatives)")
+    ],
+    reason: Annotated[str, typer.Option(help="Why (required; kept in the ledger)")],
+    data_dir: DataDir = None,
+) -> None:
+    """Correct a project's balance by a signed amount, with a reason."""
+    value = _micro(amount)
+    if value == 0:
+        _fail("an adjustment must not be zero")
+    if not reason.strip():
+        _fail("an adjustment needs a reason (--reason)")
+    _credit(data_dir, project, value, "adjustment", reason)
+
+
+@credits_app.command("balance")
+def credits_balance(
+    project: Annotated[str, typer.Option(help="The project's name")],
+    data_dir: DataDir = None,
+) -> None:
+    """Print the project's balance in micro-units (the sum of its ledger)."""
+
+    async def work(db: Database) -> int:
+        info = _find_project(await _project_service(db, load_catalog(DEFAULT_CATALOG)), project)
+        return await reports.ledger_balance(db, info.id)
+
+    balance = _with_db(data_dir, work)
+    err.print(Text(f"{project}: {_units(balance)} units"))
+    print(balance)
+
+
+def _units(micro: int) -> str:
+    sign = "-" if micro < 0 else ""
+    whole, frac = divmod(abs(micro), 1_000_000)
+    return f"{sign}{whole}.{frac:06d}"
+
+
+# -- plans --------------------------------------------------------------------------
+
+
+def _limit(name: str, value: str | None, current: int | None) -> int | None:
+    """A limit option: a positive integer, or 'none' for unlimited; absent: unchanged."""
+    if value is None:
+        return current
+    text = value.strip().lower()
+    if text in ("none", "unlimited"):
+        return None
+    if not text.isdigit() or not 1 <= int(text) <= INT32_MAX:
+        _fail(f"--{name.replace('_', '-')} must be a positive integer or 'none', got {value!r}")
+    return int(text)
+
+
+LimitOpt = Annotated[str | None, typer.Option(help="A positive integer, or 'none' for unlimited")]
+
+
+@plans_app.command("set")
+def plans_set(
+    name: str,
+    key_rpm: LimitOpt = None,
+    key_tpm: LimitOpt = None,
+    key_concurrency: LimitOpt = None,
+    project_rpm: LimitOpt = None,
+    project_tpm: LimitOpt = None,
+    project_concurrency: LimitOpt = None,
+    priority: Annotated[int | None, typer.Option(help="Higher is served first")] = None,
+    weight: Annotated[int | None, typer.Option(help="Share among equal priorities (>= 1)")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Create a plan, or change the given limits of an existing one."""
+    given = {"key_rpm": key_rpm, "key_tpm": key_tpm, "key_concurrency": key_concurrency,
+             "project_rpm": project_rpm, "project_tpm": project_tpm,
+             "project_concurrency": project_concurrency}
+    for field, value in given.items():
+        _limit(field, value, None)  # reject bad values before touching the store
+    if priority is not None and not -INT32_MAX <= priority <= INT32_MAX:
+        _fail("--priority is out of range")
+    if weight is not None and not 1 <= weight <= INT32_MAX:
+        _fail("--weight must be a positive integer")
+
+    async def work(db: Database) -> PlanLimits:
+        projects = await _project_service(db, load_catalog(DEFAULT_CATALOG))
+        current = next((p for p in projects.list_plans() if p.name == name), None)
+        base = current or replace(DEFAULT_PLAN, name=name)
+        changes: dict[str, Any] = {f: _limit(f, given[f], getattr(base, f)) for f in LIMIT_FIELDS}
+        if priority is not None:
+            changes["priority"] = priority
+        if weight is not None:
+            changes["weight"] = weight
+        return await projects.set_plan(replace(base, **changes))
+
+    plan = _with_db(data_dir, work)
+    _print_plans([plan])
+
+
+@plans_app.command("list")
+def plans_list(data_dir: DataDir = None) -> None:
+    """List plans and their limits ('none': unlimited)."""
+
+    async def work(db: Database) -> list[PlanLimits]:
+        return (await _project_service(db, load_catalog(DEFAULT_CATALOG))).list_plans()
+
+    _print_plans(_with_db(data_dir, work))
+
+
+def _print_plans(plans: list[PlanLimits]) -> None:
+    headers = ["name", *LIMIT_FIELDS, "priority", "weight"]
+    _print_rows(headers, [[str(v) if v is not None else "none" for v in p.as_dict().values()]
+                          for p in plans])
+
+
+# -- prices -------------------------------------------------------------------------
+
+
+@prices_app.command("set")
+def prices_set(
+    model: str,
+    input_per_million: Annotated[
+        int, typer.Option(help="Micro-units per million input tokens (>= 0)")
+    ],
+    output_per_million: Annotated[
+        int, typer.Option(help="Micro-units per million output tokens (>= 0)")
+    ],
+    catalog: CatalogOpt = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Set a model's price, over the catalog's."""
+    parsed = _catalog(catalog)
+    spec = parsed.resolve(model)
+    if spec is None:
+        _fail(f"model {model!r} is not in the catalog")
+    for flag, value in (("--input-per-million", input_per_million),
+                        ("--output-per-million", output_per_million)):
+        if not 0 <= value <= MAX_PRICE:
+            _fail(f"{flag} must be between 0 and {MAX_PRICE}, got {value}")
+
+    async def work(db: Database) -> None:
+        projects = await _project_service(db, parsed)
+        await projects.set_price(spec.id, input_per_million, output_per_million)
+
+    _with_db(data_dir, work)
+    err.print(Text(f"{spec.id}: {input_per_million} in, {output_per_million} out "
+                   "(micro-units per million tokens)"))
+
+
+@prices_app.command("list")
+def prices_list(catalog: CatalogOpt = None, data_dir: DataDir = None) -> None:
+    """Effective prices of every catalog model (micro-units per million tokens)."""
+    parsed = _catalog(catalog)
+
+    async def work(db: Database) -> list[list[str]]:
+        projects = await _project_service(db, parsed)
+        overrides = await reports.price_overrides(db)
+        return [[spec.id, *map(str, projects.prices(spec)),
+                 "yes" if spec.id in overrides else "no"] for spec in parsed]
+
+    _print_rows(["model", "input per million", "output per million", "overridden"],
+                _with_db(data_dir, work))
+
+
+# -- usage --------------------------------------------------------------------------
+
+
+@usage_app.command("export")
+def usage_export(
+    project: Annotated[str, typer.Option(help="The project's name")],
+    since: Annotated[str | None, typer.Option(help="From this ISO date or time (UTC)")] = None,
+    until: Annotated[
+        str | None, typer.Option(help="Before this ISO time; a date includes that day")
+    ] = None,
+    key: Annotated[str | None, typer.Option("--key", help="Only this key id's requests")] = None,
+    out_file: Annotated[
+        Path | None, typer.Option("--out", help="CSV file to write (default: stdout)")
+    ] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Write a project's usage records as CSV (header first, oldest first)."""
+    try:
+        start, stop = reports.time_range(since, until)
+    except InvalidRequest as exc:
+        _fail(exc.message)
+
+    async def work(db: Database) -> int:
+        info = _find_project(await _project_service(db, load_catalog(DEFAULT_CATALOG)), project)
+        if out_file is None:
+            return await _write_csv(db, info.id, key, start, stop, sys.stdout)
+        try:
+            handle = out_file.open("w", newline="", encoding="utf-8")
+        except OSError as exc:
+            raise InvalidRequest(f"cannot write {out_file}: {exc.strerror}") from None
+        with handle:
+            return await _write_csv(db, info.id, key, start, stop, handle)
+
+    count = _with_db(data_dir, work)
+    err.print(Text(f"{count} usage records" + (f" written to {out_file}" if out_file else "")))
+
+
+async def _write_csv(db: Database, project_id: str, key_id: str | None, since: datetime | None,
+                     until: datetime | None, handle: TextIO) -> int:
+    writer = csv.writer(handle)
+    writer.writerow(reports.USAGE_COLUMNS)
+    count = 0
+    async for row in reports.iter_usage_records(db, project_id, key_id, since, until):
+        writer.writerow([row[c] for c in reports.USAGE_COLUMNS])
+        count += 1
+    handle.flush()
+    return count
 
 
 @models_app.command("list")

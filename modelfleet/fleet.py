@@ -493,7 +493,7 @@ class Fleet:
 
     def tick(self) -> None:
         for pool in self.pools.values():
-            if pool.demand() or pool.desired < pool.spec.scaling.min_replicas:
+            if pool.demand() or pool.live_replicas < pool.desired:
                 pool.scale_for_demand()
 
     def events(self) -> list[ScaleEvent]:

@@ -99,11 +99,10 @@ def _cli(*args: str, data_dir: Path) -> str:
     return out.stdout.strip()
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    tmp = tmp_path_factory.mktemp("server")
-    catalog = tmp / "catalog.toml"
-    catalog.write_text(catalog_text(tmp))
+def launch_server(tmp: Path, catalog: str, env: dict[str, str] | None = None) -> Server:
+    """``modelfleet serve`` in a subprocess on a free loopback port; waits for /health."""
+    catalog_path = tmp / "catalog.toml"
+    catalog_path.write_text(catalog)
     data_dir = tmp / "data"
     port = free_port()
     log_path = tmp / "serve.log"
@@ -111,8 +110,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     with open(log_path, "wb") as log, open(stdout_path, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "modelfleet", "serve", "--port", str(port),
-             "--data-dir", str(data_dir), "--catalog", str(catalog)],
-            stdout=out, stderr=log, start_new_session=True,
+             "--data-dir", str(data_dir), "--catalog", str(catalog_path)],
+            stdout=out, stderr=log, start_new_session=True, env={**os.environ, **(env or {})},
         )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -125,19 +124,31 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         except httpx.HTTPError:
             pass
         if time.monotonic() > deadline:
+            stop_server(proc)
             raise RuntimeError("server did not start")
         time.sleep(0.1)
     key = stdout_path.read_text().strip().splitlines()[0]
     admin_key = _cli("keys", "create", "--project", "ops", "--scope", "admin", data_dir=data_dir)
+    return Server(url, data_dir, log_path, key, admin_key, proc)
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
     try:
-        yield Server(url, data_dir, log_path, key, admin_key, proc)
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("server")
+    running = launch_server(tmp, catalog_text(tmp))
+    try:
+        yield running
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_server(running.proc)
 
 
 # -- in-process app: no worker is started by these tests ---------------------------

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from modelfleet import __version__
-from modelfleet.api import catalog_routes, errors, inference
+from modelfleet.api import account, admin, catalog_routes, errors, inference
 from modelfleet.api.http import RequestIdMiddleware
 from modelfleet.services import Services
 from modelfleet.settings import Settings
@@ -34,6 +34,8 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     errors.install(app)
     app.include_router(inference.router(services))
     app.include_router(catalog_routes.router(services))
+    app.include_router(admin.router(services))
+    app.include_router(account.router(services))
     app.add_middleware(RequestIdMiddleware)
 
     @app.get("/health", include_in_schema=False)

@@ -130,9 +130,17 @@ def router(services: Services) -> APIRouter:
                     "url": r.base_url, "slots": r.slots, "outstanding": r.outstanding,
                     "served": r.served,
                 })
-        events = [
-            e.__dict__ for pool in services.fleet.pools.values() for e in pool.events
-        ]
-        return {"replicas": rows, "scale_events": events}
+        return {"replicas": rows, "scale_events": [e.__dict__ for e in services.fleet.events()]}
+
+    @api.get("/v1/admin/scale-events", tags=["admin"])
+    async def scale_events(request: Request, model: str | None = None) -> dict[str, Any]:
+        """Every autoscaler decision: time, model, from, to, reason (admin scope)."""
+        await require(services, request, Scope.admin)
+        spec = catalog.resolve(model) if model else None
+        if model and spec is None:
+            raise ModelNotFound(f"model {model!r} does not exist", param="model")
+        events = [e.__dict__ for e in services.fleet.events()
+                  if spec is None or e.model == spec.id]
+        return {"object": "list", "data": events}
 
     return api
