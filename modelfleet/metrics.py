@@ -124,12 +124,12 @@ class Metrics:
             registry=reg,
         )
         self._wait = _histogram(
-            "wait_seconds", "Time a request waited in the queue before a replica took it.",
-            reg, LATENCY_BUCKETS,
+            "wait_seconds",
+            "Time a request waited in the queue before a replica took it.",
+            reg,
+            LATENCY_BUCKETS,
         )
-        self._run = _histogram(
-            "run_seconds", "Time a replica spent on a request.", reg, LATENCY_BUCKETS
-        )
+        self._run = _histogram("run_seconds", "Time a replica spent on a request.", reg, LATENCY_BUCKETS)
         self._total = _histogram(
             "total_seconds", "Queue wait plus run time of a request.", reg, LATENCY_BUCKETS
         )
@@ -152,8 +152,10 @@ class Metrics:
             registry=reg,
         )
         self._cold_start = _histogram(
-            "cold_start_seconds", "Time from starting a replica until it was ready.",
-            reg, COLD_START_BUCKETS,
+            "cold_start_seconds",
+            "Time from starting a replica until it was ready.",
+            reg,
+            COLD_START_BUCKETS,
         )
         self._live = _LiveCollector()
         reg.register(self._live)

@@ -34,6 +34,7 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     errors.install(app)
     app.include_router(inference.router(services))
     app.include_router(catalog_routes.router(services))
+    app.include_router(catalog_routes.fleet_router(services))
     app.include_router(admin.router(services))
     app.include_router(account.router(services))
     app.add_middleware(RequestIdMiddleware)

@@ -118,6 +118,14 @@ def router(services: Services) -> APIRouter:
             rows.append({"model": spec.id, "kind": spec.kind.value, **state})
         return {"text": rows}
 
+    return api
+
+
+def fleet_router(services: Services) -> APIRouter:
+    """The fleet as an operator sees it (admin scope): replicas and scale events."""
+    api = APIRouter()
+    catalog = services.catalog
+
     @api.get("/v1/admin/replicas", tags=["admin"])
     async def replicas(request: Request) -> dict[str, Any]:
         """Every replica with its process, port and load (admin scope)."""
