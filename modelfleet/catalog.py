@@ -55,7 +55,44 @@ class LlamaCppEngine(_Strict):
     gpus: Annotated[int, Field(ge=0)] = 0
 
 
-EngineSpec = Annotated[LlamaCppEngine, Field(discriminator="type")]
+class ExternalEngine(_Strict):
+    """An OpenAI-compatible server modelfleet does not run (an existing vLLM,
+    SGLang, TGI or llama.cpp server, or another provider).  Operator
+    configuration only: clients never choose the URL."""
+
+    type: Literal["external"]
+    url: Annotated[str, Field(pattern=r"^https?://[^/\s]+(/[^\s]*)?$")]
+    # Name of the environment variable holding the credential sent as
+    # `Authorization: Bearer`; must start with MODELFLEET_.
+    api_key_env: Annotated[str, Field(pattern=r"^MODELFLEET_[A-Z0-9_]+$")] | None = None
+    # The model name the upstream expects (default: the catalog id).
+    upstream_model: str | None = None
+    health_path: str = "/v1/models"
+    backend: str = "external"
+    startup_timeout_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 30.0
+    memory_mib: Annotated[int, Field(ge=0)] = 0
+    gpus: Annotated[int, Field(ge=0)] = 0
+    threads: Annotated[int, Field(ge=0)] = 0
+
+
+class ServerEngine(_Strict):
+    """A managed vLLM or SGLang server per replica, declared by its launch
+    command.  ``command`` is a template: {model}, {port}, {gpus} and {id} are
+    filled in; the default is the engine's usual launch command."""
+
+    type: Literal["vllm", "sglang"]
+    model: str
+    gpus: Annotated[int, Field(ge=1)] = 1
+    command: list[str] | None = None
+    args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    startup_timeout_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 900.0
+    memory_mib: Annotated[int, Field(ge=0)] = 4096
+    threads: Annotated[int, Field(ge=0)] = 1
+
+
+EngineSpec = Annotated[LlamaCppEngine | ExternalEngine | ServerEngine,
+                       Field(discriminator="type")]
 
 
 class Limits(_Strict):
@@ -130,6 +167,8 @@ class ModelSpec(_Strict):
 
     @property
     def backend(self) -> str:
+        if isinstance(self.engine, ExternalEngine):
+            return self.engine.backend
         return self.engine.type
 
 

