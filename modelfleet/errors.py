@@ -17,6 +17,7 @@ The tree (HTTP status, ``type``)::
     ├── NotFound                         404 not_found_error
     │   └── ModelNotFound                404   code model_not_found
     ├── MethodNotAllowed                 405 invalid_request_error
+    ├── Conflict                         409 invalid_request_error
     ├── RequestTooLarge                  413 invalid_request_error
     ├── ValidationFailed                 422 invalid_request_error
     ├── RateLimited                      429 rate_limit_error
@@ -111,6 +112,14 @@ class MethodNotAllowed(ModelfleetError):
     status = 405
     type = "invalid_request_error"
     default_code = "method_not_allowed"
+
+
+class Conflict(ModelfleetError):
+    """The thing to create exists already (a project name)."""
+
+    status = 409
+    type = "invalid_request_error"
+    default_code = "conflict"
 
 
 class RequestTooLarge(ModelfleetError):

@@ -99,6 +99,9 @@ class ModelPool:
         self.blocked: str | None = None  # why a wanted replica cannot start now
         self._pressure_since: float | None = None
         self.wall: Callable[[], float] = time.time
+        # Observers (metrics): every scale decision, every cold start.
+        self.on_event: Callable[[ScaleEvent], None] = lambda event: None
+        self.on_cold_start: Callable[[str, float], None] = lambda model, seconds: None
 
     # -- state as the API reports it -----------------------------------------
 
@@ -190,8 +193,10 @@ class ModelPool:
             self.desired = value
 
     def _record(self, before: int, after: int, reason: str) -> None:
-        self.events.append(ScaleEvent(self.wall(), self.spec.id, before, after, reason))
+        event = ScaleEvent(self.wall(), self.spec.id, before, after, reason)
+        self.events.append(event)
         del self.events[:-200]
+        self.on_event(event)
 
     def _converge(self) -> None:
         if self.availability()[0] is False:
@@ -267,6 +272,7 @@ class ModelPool:
         if cold and replica.ready_at is not None:
             self.cold_starts.append(replica.ready_at - replica.started_at)
             del self.cold_starts[:-100]
+            self.on_cold_start(self.spec.id, self.cold_starts[-1])
         self.on_capacity()
         try:
             await self._watch(replica)

@@ -207,18 +207,24 @@ class KeyService:
             for k, pname in rows
         ]
 
+    @staticmethod
+    def _no_key(key_id: str) -> NotFound:
+        # never echo what may be a secret pasted where an id belongs
+        shown = "(a key, not a key id)" if key_id.startswith(KEY_PREFIX) else repr(key_id[:64])
+        return NotFound(f"no key with id {shown}", code="key_not_found")
+
     async def get(self, key_id: str) -> KeyInfo:
         for info in await self.list_keys():
             if info.key_id == key_id:
                 return info
-        raise NotFound(f"no key with id {key_id!r}", code="key_not_found")
+        raise self._no_key(key_id)
 
     async def revoke(self, key_id: str, *, project_id: str | None = None) -> None:
         """Revoke now; the next request with the key is refused (401)."""
         async with self._db.session() as session, session.begin():
             row = await session.get(ApiKey, key_id)
             if row is None or (project_id is not None and row.project_id != project_id):
-                raise NotFound(f"no key with id {key_id!r}", code="key_not_found")
+                raise self._no_key(key_id)
             if row.revoked_at is None:
                 row.revoked_at = _now()
             digest = row.key_hash
@@ -235,9 +241,11 @@ class KeyService:
         async with self._db.session() as session, session.begin():
             row = await session.get(ApiKey, key_id)
             if row is None or (project_id is not None and row.project_id != project_id):
-                raise NotFound(f"no key with id {key_id!r}", code="key_not_found")
+                raise self._no_key(key_id)
             if row.revoked_at is not None:
                 raise InvalidRequest("a revoked key cannot be rotated", param="key_id")
+            if row.expires_at is not None and row.expires_at <= _now():
+                raise InvalidRequest("an expired key cannot be rotated", param="key_id")
             project = await session.get(Project, row.project_id)
             assert project is not None
             raw = generate_key()

@@ -129,6 +129,8 @@ class ProjectService:
     ) -> ProjectInfo:
         if plan is not None and plan not in self._plans:
             raise InvalidRequest(f"no plan named {plan!r}", param="plan")
+        if models is not None and not models:
+            raise InvalidRequest("deploy at least one model, or all models", param="models")
         ids = self._known_models(models) if models is not None else None
         async with self._db.session() as session, session.begin():
             row = await session.get(Project, project_id)

@@ -16,6 +16,7 @@ from modelfleet.keys import CreatedKey, KeyService, Scope
 from modelfleet.ledger import Ledger
 from modelfleet.limits import RateLimiter
 from modelfleet.metering import Metering
+from modelfleet.metrics import Metrics, ModelSnapshot
 from modelfleet.projects import ProjectService
 from modelfleet.scheduler import Scheduler
 from modelfleet.settings import Settings
@@ -70,6 +71,7 @@ class Services:
     ledger: Ledger
     metering: Metering
     watcher: StoreWatcher
+    metrics: Metrics
     background: TaskOwner
     # Called with the key made on first start, to show it once to the operator.
     on_bootstrap_key: Callable[[CreatedKey], None] = lambda key: None
@@ -100,8 +102,30 @@ class Services:
             ledger=ledger,
             metering=Metering(projects, RateLimiter(), ledger, enabled=settings.metering),
             watcher=StoreWatcher(VersionProbe(db), keys, projects, ledger),
+            metrics=Metrics(),
             background=TaskOwner("services"),
         )
+
+    def __post_init__(self) -> None:
+        metrics = self.metrics
+        for pool in self.fleet.pools.values():
+            pool.on_event = lambda e: metrics.scale_decision(e.model, e.from_replicas,
+                                                             e.to_replicas)
+            pool.on_cold_start = metrics.cold_start
+        metrics.bind_live(self.snapshot)
+
+    def snapshot(self) -> list[ModelSnapshot]:
+        """Live fleet state for the metrics scrape."""
+        out = []
+        for model_id, pool in self.fleet.pools.items():
+            states: dict[str, int] = {}
+            for replica in pool.replicas:
+                states[replica.state.value] = states.get(replica.state.value, 0) + 1
+            out.append(ModelSnapshot(model=model_id,
+                                     queued=self.scheduler.queue(model_id).waiting,
+                                     replicas_by_state=states, desired=pool.desired,
+                                     available=pool.availability()[0]))
+        return out
 
     async def start(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)

@@ -96,35 +96,34 @@ def test_top_up_adjust_and_balance(store: Path) -> None:
                              (7, "adjustment", "goodwill", "cli")]
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (("credits", "topup", "--project", "nope", "--amount", "5"), "no project named 'nope'"),
-        (("credits", "topup", "--project", "acme", "--amount=-5"), "positive"),
-        (("credits", "topup", "--project", "acme", "--amount", "0"), "positive"),
-        (("credits", "topup", "--project", "acme", "--amount", "1.5"), "integer"),
-        (("credits", "topup", "--project", "acme", "--amount", "1e6"), "integer"),
-        (("credits", "topup", "--project", "acme", "--amount", "true"), "integer"),
-        (("credits", "topup", "--project", "acme", "--amount", "ten"), "integer"),
-        (("credits", "topup", "--project", "acme", "--amount", "10" + "0" * 16), "at most"),
-        (("credits", "topup", "--project", "acme"), "--amount"),
-        (("credits", "adjust", "--project", "acme", "--amount", "5"), "--reason"),
-        (("credits", "adjust", "--project", "acme", "--amount", "5", "--reason", " "), "reason"),
-        (("credits", "adjust", "--project", "acme", "--amount", "0", "--reason", "x"), "zero"),
-        (("credits", "adjust", "--project", "nope", "--amount", "5", "--reason", "x"),
-         "no project named 'nope'"),
-        (("credits", "balance", "--project", "nope"), "no project named 'nope'"),
-    ],
-)
-def test_bad_money_input_exits_2_and_writes_nothing(store: Path, args: tuple[str, ...],
-                                                    message: str) -> None:
+BAD_MONEY = [
+    (("credits", "topup", "--project", "nope", "--amount", "5"), "no project named 'nope'"),
+    (("credits", "topup", "--project", "acme", "--amount=-5"), "positive"),
+    (("credits", "topup", "--project", "acme", "--amount", "0"), "positive"),
+    (("credits", "topup", "--project", "acme", "--amount", "1.5"), "integer"),
+    (("credits", "topup", "--project", "acme", "--amount", "1e6"), "integer"),
+    (("credits", "topup", "--project", "acme", "--amount", "true"), "integer"),
+    (("credits", "topup", "--project", "acme", "--amount", "ten"), "integer"),
+    (("credits", "topup", "--project", "acme", "--amount", "10" + "0" * 16), "at most"),
+    (("credits", "topup", "--project", "acme"), "--amount"),
+    (("credits", "adjust", "--project", "acme", "--amount", "5"), "--reason"),
+    (("credits", "adjust", "--project", "acme", "--amount", "5", "--reason", " "), "reason"),
+    (("credits", "adjust", "--project", "acme", "--amount", "0", "--reason", "x"), "zero"),
+    (("credits", "adjust", "--project", "nope", "--amount", "5", "--reason", "x"),
+     "no project named 'nope'"),
+    (("credits", "balance", "--project", "nope"), "no project named 'nope'"),
+]
+
+
+def test_bad_money_input_exits_2_and_writes_nothing(store: Path) -> None:
     ok("credits", "topup", "--project", "acme", "--amount", "1000", data_dir=store)
     before, rows = version(store), ledger(store)
-    out = cli(*args, data_dir=store)
-    assert out.returncode == 2, (out.stdout, out.stderr)
-    assert message in out.stderr
-    assert out.stdout == ""
-    assert ledger(store) == rows and version(store) == before
+    for args, message in BAD_MONEY:
+        out = cli(*args, data_dir=store)
+        assert out.returncode == 2, (args, out.stdout, out.stderr)
+        assert message in out.stderr, (args, out.stderr)
+        assert out.stdout == ""
+        assert ledger(store) == rows and version(store) == before, args
     assert ok("credits", "balance", "--project", "acme", data_dir=store).stdout.strip() == "1000"
 
 
@@ -136,8 +135,9 @@ def test_keys_rotate(store: Path) -> None:
     new = out.stdout.strip()
     assert new.startswith("mf-") and new != old and "shown only once" in out.stderr
     assert version(store) > before
-    rows = sql(store, "SELECT name, scopes FROM api_keys WHERE prefix = ?", new[:11])
-    assert rows == [("svc", "inference")]
+    rows = sql(store, "SELECT id, name, scopes FROM api_keys WHERE prefix = ?", new[:11])
+    assert [r[1:] for r in rows] == [("svc", "inference")]
+    new_id_ = rows[0][0]
 
     async def check(db: Database) -> None:
         keys = KeyService(db)
@@ -150,7 +150,7 @@ def test_keys_rotate(store: Path) -> None:
     # an expired key, an unknown one and a bad grace are refused
     for args, message in (((old_id, "--grace-seconds", "5"), "expired"),
                           (("nope", "--grace-seconds", "5"), "no key with id"),
-                          ((new, "--grace-seconds", "-1"), "grace")):
+                          ((new_id_, "--grace-seconds", "-1"), "grace")):
         bad = cli("keys", "rotate", *args, data_dir=store)
         assert bad.returncode == 2 and message in bad.stderr, bad.stderr
     assert len(sql(store, "SELECT 1 FROM api_keys")) == 2

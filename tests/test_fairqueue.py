@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+
 from modelfleet.fairqueue import FairQueue
 from modelfleet.scheduler import Claim, ModelQueue
 from tests.test_scheduler import fake_replica, queue  # noqa: F401  (fixture)

@@ -235,3 +235,27 @@ def test_catalog_reports_ready_and_stats(server: Server, client: openai.OpenAI) 
     runtime = httpx.get(server.url + "/v1/inference/runtime/models", timeout=10).json()
     row = next(r for r in runtime["text"] if r["model"] == CHAT)
     assert row["available"] is True and row["ready_replicas"] == 1 and row["desired_replicas"] == 1
+
+
+def test_metrics_count_requests_and_show_live_state(server: Server, client: openai.OpenAI) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client.chat.completions.create(model="smollm2", messages=MSG, max_tokens=2)  # type: ignore[arg-type]
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="smollm2", messages=MSG, temperature=9)  # type: ignore[arg-type]
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+    def value(name: str, **labels: str) -> float:
+        return sum(v for (n, lab), v in samples.items()
+                   if n == name and all((k, w) in lab for k, w in labels.items()))
+
+    assert value("modelfleet_requests_total", model=CHAT, status="succeeded") >= 1
+    assert value("modelfleet_requests_total", model=CHAT, status="rejected_400") >= 1
+    assert value("modelfleet_tokens_total", model=CHAT, direction="output") >= 2
+    assert value("modelfleet_total_seconds_count", model=CHAT) >= 1
+    assert value("modelfleet_replicas", model=CHAT, state="ready") == 1
+    assert value("modelfleet_model_available", model="test/missing") == 0
+    assert value("modelfleet_cold_start_seconds_count", model=CHAT) >= 1
+    assert value("modelfleet_autoscaler_decisions_total", model=CHAT, direction="up") >= 1

@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 from modelfleet import reports
 from modelfleet.api.auth import require
 from modelfleet.api.http import read_body
-from modelfleet.errors import InvalidRequest, ModelfleetError, ModelNotFound, NotFound
+from modelfleet.errors import Conflict, InvalidRequest, ModelNotFound, NotFound
 from modelfleet.keys import Principal, Scope
 from modelfleet.ledger import MAX_AMOUNT
 from modelfleet.openai.common import Strict, parse_body
@@ -28,14 +28,6 @@ from modelfleet.services import Services
 BODY_LIMIT = 64 * 1024
 MAX_EXPIRY_S = 10 * 366 * 86400  # keys may be made to expire within ten years
 INT32_MAX = 2**31 - 1
-
-
-class Conflict(ModelfleetError):
-    """The thing to create exists already."""
-
-    status = 409
-    type = "invalid_request_error"
-    default_code = "conflict"
 
 
 # -- bodies ----------------------------------------------------------------------------

@@ -46,6 +46,7 @@ def router(services: Services) -> APIRouter:
     ) -> Response:
         principal = await require(services, request, Scope.inference)
         headers: dict[str, str] = {}
+        call: Call | None = None
         try:
             if metering.enabled:
                 headers = metering.peek_headers(principal)
@@ -76,13 +77,21 @@ def router(services: Services) -> APIRouter:
                 include_usage=bool(body.stream_options and body.stream_options.include_usage),
             )
             call.claim = metering.claim(principal, payload)
-            if metering.enabled:
-                ticket = metering.admit(principal, spec, payload, max_tokens)
+            ticket = metering.admit(principal, spec, payload, max_tokens) \
+                if metering.enabled else None
+            if ticket is not None:
                 headers.update(ticket.headers)
-                call.on_finish = lambda c: ticket.settle(
-                    request_id=c.request_id, status=c.status, usage=c.usage,
-                    wait_s=c.wait_s, run_s=c.run_s,
-                )
+
+            def finished(c: Call) -> None:
+                if ticket is not None:
+                    ticket.settle(request_id=c.request_id, status=c.status, usage=c.usage,
+                                  wait_s=c.wait_s, run_s=c.run_s)
+                services.metrics.request_finished(
+                    c.spec.id, principal.project_id, c.status, c.wait_s, c.run_s,
+                    int(c.usage.get("prompt_tokens", 0)),
+                    int(c.usage.get("completion_tokens", 0)))
+
+            call.on_finish = finished
             if call.stream:
                 events = await gateway.open_stream(call)
                 return StreamingResponse(
@@ -93,6 +102,9 @@ def router(services: Services) -> APIRouter:
             return JSONResponse(result, headers={**headers, **call.headers()})
         except ModelfleetError as exc:
             exc.headers = {**headers, **exc.headers}
+            if call is None or not call.on_finish:
+                services.metrics.request_rejected(headers.get("X-Model-Used", "unknown"),
+                                                  principal.project_id, exc.status)
             raise
 
     @api.post(
