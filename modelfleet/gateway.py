@@ -14,10 +14,11 @@ slot until then.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,6 +133,22 @@ def _worker_error(call: Call, reply: WorkerReply) -> ModelfleetError:
     return UpstreamError(f"worker answered {reply.status}: {message}")
 
 
+@contextlib.contextmanager
+def _settle_unless_running(call: Call) -> Iterator[None]:
+    """A request that fails before (or without) work running on a worker is
+    settled here; work that runs settles itself when it ends."""
+    try:
+        yield
+    except DeadlineExceeded as exc:
+        if not call.work_running:
+            call.finish("cancelled" if exc.code == "queue_timeout" else "failed")
+        raise
+    except BaseException:
+        if not call.work_running:
+            call.finish("cancelled")
+        raise
+
+
 class Gateway:
     def __init__(
         self,
@@ -161,16 +178,8 @@ class Gateway:
     # -- non-streaming ------------------------------------------------------------
 
     async def complete(self, call: Call) -> dict[str, Any]:
-        try:
+        with _settle_unless_running(call):
             return await self._complete(call)
-        except DeadlineExceeded as exc:
-            if not call.work_running:
-                call.finish("cancelled" if exc.code == "queue_timeout" else "failed")
-            raise
-        except BaseException:
-            if not call.work_running:
-                call.finish("cancelled")
-            raise
 
     async def _complete(self, call: Call) -> dict[str, Any]:
         queue = self.scheduler.queue(call.spec.id)
@@ -227,7 +236,7 @@ class Gateway:
             return reply
         finally:
             call.run_s = queue.clock() - started
-            queue.release(lease, run_s=call.run_s if reply is not None else None)
+            queue.release(lease)
             call.work_running = False
             if reply is not None:
                 if call.status != "abandoned":
@@ -256,16 +265,8 @@ class Gateway:
 
     async def open_stream(self, call: Call) -> AsyncIterator[bytes]:
         """Start a stream; errors before its first event are raised as HTTP errors."""
-        try:
+        with _settle_unless_running(call):
             return await self._open_stream(call)
-        except DeadlineExceeded as exc:
-            if not call.work_running:
-                call.finish("cancelled" if exc.code == "queue_timeout" else "failed")
-            raise
-        except BaseException:
-            if not call.work_running:
-                call.finish("cancelled")
-            raise
 
     async def _open_stream(self, call: Call) -> AsyncIterator[bytes]:
         queue = self.scheduler.queue(call.spec.id)
@@ -281,19 +282,19 @@ class Gateway:
                     stream = await self.client.open_stream(url, call.payload,
                                                            lease.replica.headers)
             except TimeoutError:
-                queue.release(lease, run_s=None)
+                queue.release(lease)
                 call.status = "cancelled"
                 raise self._deadline(call, "produced nothing") from None
             except WorkerUnreachable as exc:
-                queue.release(lease, run_s=None)
+                queue.release(lease)
                 await self._unreachable(call, lease, exc, attempt)
                 continue
             except BaseException:
-                queue.release(lease, run_s=None)
+                queue.release(lease)
                 raise
             if stream.status != 200:
                 body = await stream.error_body()
-                queue.release(lease, run_s=None)
+                queue.release(lease)
                 call.status = "failed"
                 raise _worker_error(call, WorkerReply(stream.status, body))
             pump = _Pump(self, call, queue, lease, stream)
@@ -445,7 +446,7 @@ class _Pump:
         finally:
             self.stream.close()
             self.call.run_s = self.queue.clock() - self.started
-            self.queue.release(self.lease, run_s=self.call.run_s)
+            self.queue.release(self.lease)
             self.call.work_running = False
             if self.abandoned:
                 self.call.finish()

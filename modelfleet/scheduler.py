@@ -169,7 +169,7 @@ class ModelQueue:
             else:
                 self._running.pop(project, None)
 
-    def release(self, lease: Lease, *, run_s: float | None = None) -> None:
+    def release(self, lease: Lease) -> None:
         if lease.released:
             return
         lease.released = True
@@ -177,8 +177,6 @@ class ModelQueue:
         self._give_back(replica, lease.project)
         replica.served += 1
         replica.last_active = self.clock()
-        if run_s is not None:
-            self.stats.record(lease.wait_s, run_s)
         self.dispatch()
         if replica.outstanding == 0 and self.pool.room is not None:
             self.pool.room.retry_blocked()  # an idle replica may be swapped out now

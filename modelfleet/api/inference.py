@@ -14,7 +14,8 @@ from modelfleet.api.http import read_body, request_id
 from modelfleet.catalog import ModelSpec
 from modelfleet.errors import ModelfleetError, RequestTooLarge
 from modelfleet.gateway import Call
-from modelfleet.keys import Scope
+from modelfleet.keys import Principal, Scope
+from modelfleet.metering import Ticket
 from modelfleet.openai import chat, completions
 from modelfleet.openai.common import parse_body
 from modelfleet.services import Services
@@ -29,6 +30,25 @@ def _openapi_body(model: type[BaseModel]) -> dict[str, Any]:
             "content": {"application/json": {"schema": model.model_json_schema()}},
         }
     }
+
+
+def _recorder(
+    services: Services, principal: Principal, ticket: Ticket | None
+) -> Callable[[Call], None]:
+    """What happens once a request's work has ended: one place records it for
+    the catalog's recent stats, the metrics and (when metering) the bill."""
+
+    def finished(c: Call) -> None:
+        if c.status in ("succeeded", "disconnected"):
+            services.scheduler.queue(c.spec.id).stats.record(c.wait_s, c.run_s)
+        if ticket is not None:
+            ticket.settle(request_id=c.request_id, status=c.status, usage=c.usage,
+                          wait_s=c.wait_s, run_s=c.run_s)
+        services.metrics.request_finished(
+            c.spec.id, principal.project_id, c.status, c.wait_s, c.run_s,
+            int(c.usage.get("prompt_tokens", 0)), int(c.usage.get("completion_tokens", 0)))
+
+    return finished
 
 
 def router(services: Services) -> APIRouter:
@@ -82,16 +102,7 @@ def router(services: Services) -> APIRouter:
             if ticket is not None:
                 headers.update(ticket.headers)
 
-            def finished(c: Call) -> None:
-                if ticket is not None:
-                    ticket.settle(request_id=c.request_id, status=c.status, usage=c.usage,
-                                  wait_s=c.wait_s, run_s=c.run_s)
-                services.metrics.request_finished(
-                    c.spec.id, principal.project_id, c.status, c.wait_s, c.run_s,
-                    int(c.usage.get("prompt_tokens", 0)),
-                    int(c.usage.get("completion_tokens", 0)))
-
-            call.on_finish = finished
+            call.on_finish = _recorder(services, principal, ticket)
             if call.stream:
                 events = await gateway.open_stream(call)
                 return StreamingResponse(
