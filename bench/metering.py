@@ -68,9 +68,14 @@ class Server:
 
 
 async def block(client: httpx.AsyncClient, server: Server, n: int, conc: int) -> list[float]:
+    """``n`` timed requests at concurrency ``conc``, after a few untimed ones: the
+    first requests after switching servers pay for waking the other worker's
+    threads (seconds, on both sides alike), which is not what is measured here."""
     out: list[float] = []
     sem = asyncio.Semaphore(conc)
     headers = {"Authorization": f"Bearer {server.key}"}
+    for _ in range(3):
+        await client.post(server.url + "/v1/chat/completions", json=BODY, headers=headers)
 
     async def one() -> None:
         async with sem:
