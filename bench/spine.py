@@ -1,20 +1,24 @@
 #!/usr/bin/env python3
 """Benchmark of the serving spine: throughput, added latency and cold start.
 
-One run starts its own modelfleet server on 127.0.0.1 (temp data dir, its own
-API key) and measures, always against the same llama-server worker:
+One run starts its own modelfleet server on 127.0.0.1 (temp data dir; the
+inference key is the one `serve` prints on first start, plus an admin key from
+`modelfleet keys create`) and measures, always against the same llama-server
+worker (its URL from GET /v1/admin/replicas):
 
   (a) aggregate output tokens/s of the chat model at concurrency 1, 4 and 8,
-      through the gateway and straight to the worker, interleaved
-      (direct/gateway, then gateway/direct, ... per level and round) so that
-      noise on the shared machine hits both equally.  Non-streaming requests,
-      max_tokens 64 with ignore_eos, tokens counted from usage.completion_tokens.
+      through the gateway and straight to the worker.  At c=4 and c=8 the two
+      run in blocks interleaved direct/gateway, gateway/direct, ... per level
+      and round; at c=1 they alternate request by request.  Non-streaming,
+      max_tokens 64 with ignore_eos, tokens from usage.completion_tokens.
   (b) the gateway's added latency: the same max_tokens=1 request straight to
-      the worker and through the gateway (auth on), p50/p99 at c=1 and c=16,
-      in interleaved blocks.
+      the worker and through the gateway (auth on), p50/p99 at c=1 (request
+      by request) and c=16 (interleaved blocks).
   (c) cold start: fresh servers (the model sleeping), time from sending a
       streaming request to its first content token; warm TTFT for comparison.
 
+The machine is shared: every block records the CPU other processes used
+meanwhile, and verdicts use only the pairs where that stayed low.
 All traffic stays on loopback.  The servers are stopped by PID at the end.
 
     .venv/bin/python bench/spine.py [--quick] [--out results.md]
@@ -981,7 +985,7 @@ def render(R: Results) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, help="write the results as markdown to this file")
-    ap.add_argument("--quick", action="store_true", help="a shorter run (about 1.5 minutes)")
+    ap.add_argument("--quick", action="store_true", help="a shorter run (about 1 minute)")
     args = ap.parse_args()
     try:
         import uvloop
