@@ -132,6 +132,8 @@ class Replica:
         assert self.plan is not None
         deadline = self.clock() + timeout_s
         url = self.base_url + self.plan.health_path
+        # Poll often: a small model is healthy in under a second, and a slow
+        # backoff here would add directly to every cold start.
         delay = 0.05
         while True:
             if not self.alive:
@@ -142,7 +144,7 @@ class Replica:
             if self.clock() > deadline:
                 raise StartFailed(f"worker not healthy after {timeout_s:.0f}s{self._tail()}")
             await asyncio.sleep(delay)
-            delay = min(delay * 1.5, 0.5)
+            delay = min(delay * 1.2, 0.1)
         self.state = ReplicaState.ready
         self.ready_at = self.last_active = self.clock()
         log.info("replica %s ready in %.2fs", self.id, self.ready_at - self.started_at)
