@@ -68,8 +68,6 @@ def router(services: Services) -> APIRouter:
         headers: dict[str, str] = {}
         call: Call | None = None
         try:
-            if metering.enabled:
-                headers = metering.peek_headers(principal)
             raw = await read_body(request, limit)
             body = parse_body(model, raw)
             spec = gateway.resolve(body.model)
@@ -112,6 +110,9 @@ def router(services: Services) -> APIRouter:
             result = await gateway.complete(call)
             return JSONResponse(result, headers={**headers, **call.headers()})
         except ModelfleetError as exc:
+            if metering.enabled and "X-RateLimit-Tier" not in headers:
+                # refused before admission: report the limits without taking from them
+                headers.update(metering.peek_headers(principal))
             exc.headers = {**headers, **exc.headers}
             if call is None or not call.on_finish:
                 services.metrics.request_rejected(headers.get("X-Model-Used", "unknown"),
