@@ -25,6 +25,11 @@ class CatalogError(Exception):
 class ModelKind(StrEnum):
     chat = "chat"
     completion = "completion"
+    embedding = "embedding"
+    image = "image"
+
+
+TEXT_KINDS = frozenset({ModelKind.chat, ModelKind.completion})
 
 
 class _Strict(BaseModel):
@@ -91,8 +96,48 @@ class ServerEngine(_Strict):
     threads: Annotated[int, Field(ge=0)] = 1
 
 
-EngineSpec = Annotated[LlamaCppEngine | ExternalEngine | ServerEngine,
-                       Field(discriminator="type")]
+class SentenceTransformersEngine(_Strict):
+    """modelfleet's own embedding worker (``modelfleet.workers.embeddings``):
+    a sentence-transformers model folder, concurrent requests batched."""
+
+    type: Literal["sentence-transformers"]
+    # A folder: a path (absolute, or relative to the data folder's models/) or
+    # ``package:PKG/DIR`` (a folder shipped inside an installed Python package).
+    model_dir: str
+    pypi_package: str | None = None
+    threads: PositiveInt = 2
+    # Texts encoded in one forward pass (concurrent requests are merged up to it).
+    max_batch: PositiveInt = 64
+    startup_timeout_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 120.0
+    memory_mib: PositiveInt = 768
+    gpus: Annotated[int, Field(ge=0)] = 0
+
+
+class DiffusersEngine(_Strict):
+    """modelfleet's own image worker (``modelfleet.workers.images``): a diffusers
+    pipeline folder (``save_pretrained`` output with model_index.json)."""
+
+    type: Literal["diffusers"]
+    # A path, absolute or relative to the data folder's models/.
+    model_dir: str
+    threads: PositiveInt = 2
+    startup_timeout_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 300.0
+    memory_mib: PositiveInt = 2048
+    gpus: Annotated[int, Field(ge=0)] = 0
+
+
+EngineSpec = Annotated[
+    LlamaCppEngine | ExternalEngine | ServerEngine | SentenceTransformersEngine | DiffusersEngine,
+    Field(discriminator="type"),
+]
+
+# Which engines can serve which kinds of model.
+ENGINES_FOR_KIND = {
+    "chat": ("llama.cpp", "external", "vllm", "sglang"),
+    "completion": ("llama.cpp", "external", "vllm", "sglang"),
+    "embedding": ("sentence-transformers", "external", "vllm"),
+    "image": ("diffusers",),
+}
 
 
 class Limits(_Strict):
@@ -104,12 +149,47 @@ class Limits(_Strict):
     max_stop: Annotated[int, Field(ge=0, le=4)] = 4
     max_prompts: PositiveInt = 16
     max_request_bytes: PositiveInt = 4 * 1024 * 1024
+    # Embedding models: inputs per request, and tokens per input.
+    max_inputs: PositiveInt = 256
+    max_input_tokens: PositiveInt = 512
+    # Image models: prompt length in characters, input images per request,
+    # the sizes ("WxH") and the step counts a request may ask for.  Images
+    # per request is max_n.
+    max_prompt_chars: PositiveInt = 2048
+    min_input_images: Annotated[int, Field(ge=0)] = 0
+    max_input_images: Annotated[int, Field(ge=0)] = 0
+    sizes: list[Annotated[str, Field(pattern=r"^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$")]] = Field(
+        default_factory=lambda: ["512x512"])
+    min_steps: PositiveInt = 1
+    max_steps: PositiveInt = 50
+
+    @model_validator(mode="after")
+    def _images_consistent(self) -> Limits:
+        if self.min_input_images > self.max_input_images:
+            raise ValueError("min_input_images must not exceed max_input_images")
+        if self.min_steps > self.max_steps:
+            raise ValueError("min_steps must not exceed max_steps")
+        if not self.sizes:
+            raise ValueError("sizes must list at least one WxH size")
+        return self
 
 
 class Defaults(_Strict):
     max_tokens: PositiveInt = 256
     temperature: Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)] = 0.7
     top_p: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 1.0
+
+
+class ImageDefaults(_Strict):
+    """``parameter_defaults`` of an image model: merged under every request."""
+
+    width: PositiveInt = 512
+    height: PositiveInt = 512
+    steps: PositiveInt = 30
+    guidance: Annotated[float, Field(ge=0, le=50, allow_inf_nan=False)] = 3.5
+    negative_prompt: str = ""
+    # How far image-to-image may move from the input image (0-1].
+    strength: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 0.75
 
 
 class Capabilities(_Strict):
@@ -142,6 +222,8 @@ class Prices(_Strict):
 
     input_per_million: Annotated[int, Field(ge=0)] = 0
     output_per_million: Annotated[int, Field(ge=0)] = 0
+    # Image models: micro-units per generated image.
+    per_image: Annotated[int, Field(ge=0)] = 0
 
 
 class ModelSpec(_Strict):
@@ -153,6 +235,7 @@ class ModelSpec(_Strict):
     engine: EngineSpec
     limits: Limits = Field(default_factory=Limits)
     defaults: Defaults = Field(default_factory=Defaults)
+    parameter_defaults: ImageDefaults = Field(default_factory=ImageDefaults)
     capabilities: Capabilities = Field(default_factory=Capabilities)
     scaling: Scaling = Field(default_factory=Scaling)
     prices: Prices = Field(default_factory=Prices)
@@ -163,6 +246,15 @@ class ModelSpec(_Strict):
             raise ValueError("defaults.max_tokens exceeds limits.max_output_tokens")
         if self.limits.max_output_tokens > self.limits.context_length:
             raise ValueError("limits.max_output_tokens exceeds limits.context_length")
+        if self.engine.type not in ENGINES_FOR_KIND[self.kind.value]:
+            raise ValueError(f"engine {self.engine.type!r} cannot serve a {self.kind.value} model "
+                             f"(use one of {', '.join(ENGINES_FOR_KIND[self.kind.value])})")
+        if self.kind is ModelKind.image:
+            d, lim = self.parameter_defaults, self.limits
+            if f"{d.width}x{d.height}" not in lim.sizes:
+                raise ValueError(f"parameter_defaults size {d.width}x{d.height} is not in limits.sizes")
+            if not lim.min_steps <= d.steps <= lim.max_steps:
+                raise ValueError("parameter_defaults.steps is outside limits.min_steps..max_steps")
         return self
 
     @property

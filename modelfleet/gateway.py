@@ -35,12 +35,13 @@ from modelfleet.errors import (
 )
 from modelfleet.fleet import Fleet
 from modelfleet.keys import Principal
-from modelfleet.openai import shape
+from modelfleet.openai import embeddings, shape
 from modelfleet.scheduler import ANONYMOUS, Claim, Lease, ModelQueue, Scheduler
 from modelfleet.tasks import TaskOwner
 
 log = logging.getLogger(__name__)
 
+EMBEDDINGS_PATH = "/v1/embeddings"
 _USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
 
 
@@ -69,6 +70,8 @@ class Call:
     on_finish: Callable[[Call], None] | None = None
     finished: bool = False
     work_running: bool = False
+    # Embeddings: the format the client asked for (the worker always sends base64).
+    encoding_format: str = "float"
 
     def finish(self, default_status: str = "failed") -> None:
         if self.finished:
@@ -127,7 +130,9 @@ def _worker_error(call: Call, reply: WorkerReply) -> ModelfleetError:
     if reply.status == 400:
         if err.get("type") == "exceed_context_size_error" or "context size" in message:
             return ContextLengthExceeded(message, param="messages" if call.is_chat else "prompt")
-        return InvalidRequest(message)
+        code, param = err.get("code"), err.get("param")
+        return InvalidRequest(message, code=code if isinstance(code, str) else None,
+                              param=param if isinstance(param, str) else None)
     if reply.status == 503:
         return ModelUnavailable(f"model {call.spec.id!r} is busy or loading: {message}")
     return UpstreamError(f"worker answered {reply.status}: {message}")
@@ -246,6 +251,9 @@ class Gateway:
                 call.finish()
 
     def _rewrite(self, call: Call, body: dict[str, Any]) -> dict[str, Any]:
+        if call.path == EMBEDDINGS_PATH:
+            return embeddings.render(call.spec.id, body, call.usage or _usage(body.get("usage")),
+                                     call.encoding_format)
         choices = body.get("choices") or []
         out: dict[str, Any] = {
             "id": call.response_id,

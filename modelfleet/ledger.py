@@ -136,6 +136,14 @@ class Ledger:
             self._held[project_id] = self.held(project_id) + amount
         return Hold(project_id, amount)
 
+    def release(self, hold: Hold) -> None:
+        """Give a hold back without a usage record (work accepted but never run
+        in this process, such as a job that runs again after a restart)."""
+        if hold.settled:
+            return
+        hold.settled = True
+        self._held[hold.project_id] = self.held(hold.project_id) - hold.amount
+
     def settle(self, hold: Hold, cost: int, usage: dict[str, Any]) -> int:
         """Turn the hold into the actual cost (capped at the hold); queue the rows.
         Returns the cost charged."""

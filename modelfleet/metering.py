@@ -23,6 +23,7 @@ from modelfleet.errors import ModelNotFound
 from modelfleet.keys import Principal
 from modelfleet.ledger import Hold, Ledger, cost_of
 from modelfleet.limits import Admission, RateLimiter
+from modelfleet.openai.embeddings import inputs_of
 from modelfleet.projects import ProjectService
 from modelfleet.scheduler import Claim
 
@@ -45,6 +46,10 @@ def prompt_upper_bound(spec: ModelSpec, payload: dict[str, Any]) -> int:
         if payload.get("tools"):
             size += len(json.dumps(payload["tools"]).encode())
         return min(size, spec.limits.context_length)
+    if "input" in payload:  # embeddings: each input is at most max_input_tokens
+        cap = spec.limits.max_input_tokens
+        return sum(min(len(one) if isinstance(one, list) else len(one.encode()) + 2, cap)
+                   for one in inputs_of(payload["input"]))
     prompt = payload.get("prompt")
     prompts = prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) \
         else [prompt]
@@ -111,6 +116,7 @@ class Ticket:
             "run_ms": round(run_s * 1000),
             "total_ms": round((wait_s + run_s) * 1000),
             "created_at": datetime.now(UTC),
+            "images": 0,
         }
         m = self.metering
         m.limiter.release(self.admission, tokens_in + tokens_out)

@@ -12,6 +12,7 @@ from modelfleet.db import Database, VersionProbe, migrate
 from modelfleet.engines.http import WorkerClient
 from modelfleet.fleet import Fleet
 from modelfleet.gateway import Gateway
+from modelfleet.jobs import JobService, Signer
 from modelfleet.keys import CreatedKey, KeyService, Scope
 from modelfleet.ledger import Ledger
 from modelfleet.limits import RateLimiter
@@ -73,6 +74,7 @@ class Services:
     watcher: StoreWatcher
     metrics: Metrics
     background: TaskOwner
+    jobs: JobService
     # Called with the key made on first start, to show it once to the operator.
     on_bootstrap_key: Callable[[CreatedKey], None] = lambda key: None
 
@@ -89,6 +91,12 @@ class Services:
         keys = KeyService(db)
         projects = ProjectService(db, catalog)
         ledger = Ledger(db)
+        metering = Metering(projects, RateLimiter(), ledger, enabled=settings.metering)
+        metrics = Metrics()
+        jobs = JobService(db=db, catalog=catalog, scheduler=scheduler, client=client,
+                          metering=metering, ledger=ledger, metrics=metrics, settings=settings.jobs,
+                          results_dir=settings.results_dir,
+                          signer=Signer(settings.data_dir / "webhook-signing.key"))
         return cls(
             settings=settings,
             catalog=catalog,
@@ -100,10 +108,11 @@ class Services:
             gateway=gateway,
             projects=projects,
             ledger=ledger,
-            metering=Metering(projects, RateLimiter(), ledger, enabled=settings.metering),
+            metering=metering,
             watcher=StoreWatcher(VersionProbe(db), keys, projects, ledger),
-            metrics=Metrics(),
+            metrics=metrics,
             background=TaskOwner("services"),
+            jobs=jobs,
         )
 
     def __post_init__(self) -> None:
@@ -141,6 +150,8 @@ class Services:
         await self.client.start()
         self.background.spawn(self.ledger.run_writer(), "ledger-writer")
         self.fleet.start()
+        self.jobs.signer.load()
+        await self.jobs.recover()
         self.background.spawn(self._flush_keys(), "key-usage")
 
     async def _flush_keys(self) -> None:
@@ -153,6 +164,7 @@ class Services:
 
     async def stop(self) -> None:
         await self.gateway.close()  # ends in-flight work, which settles it
+        await self.jobs.close()  # unfinished jobs stay in the store and run after a restart
         try:
             await asyncio.wait_for(self.ledger.drain(), 10)
         except Exception:

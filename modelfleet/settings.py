@@ -57,12 +57,32 @@ class FleetSettings:
 
 
 @dataclass(frozen=True)
+class JobSettings:
+    # Where results (PNG files) and accepted input images are kept; None: the
+    # data folder's results/.
+    results_dir: Path | None = None
+    # How long a result stays downloadable after the job ends.
+    retention_s: float = 7 * 24 * 3600.0
+    # How long a job may wait for a replica before it fails (queue_timeout).
+    queue_timeout_s: float = 3600.0
+    # Runs of one job: a run cut short by a server stop is retried until this.
+    max_attempts: int = 2
+    # Webhook deliveries: attempts, first backoff (doubling), per-attempt timeout.
+    webhook_attempts: int = 6
+    webhook_backoff_s: float = 1.0
+    webhook_timeout_s: float = 10.0
+    # How often expired results are deleted.
+    sweep_interval_s: float = 60.0
+
+
+@dataclass(frozen=True)
 class Settings:
     data_dir: Path = field(default_factory=default_data_dir)
     catalog_path: Path = DEFAULT_CATALOG
     database_url: str | None = None
     http: HttpSettings = field(default_factory=HttpSettings)
     fleet: FleetSettings = field(default_factory=FleetSettings)
+    jobs: JobSettings = field(default_factory=JobSettings)
     # Window for the catalog's recent_summary_stats, in seconds.
     stats_window_s: float = 900.0
     # Create a `default` project and print an inference key on first start,
@@ -88,6 +108,10 @@ class Settings:
     def logs_dir(self) -> Path:
         return self.data_dir / "logs"
 
+    @property
+    def results_dir(self) -> Path:
+        return self.jobs.results_dir or self.data_dir / "results"
+
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
         """Settings from ``MODELFLEET_*`` variables, then explicit overrides."""
@@ -101,6 +125,13 @@ class Settings:
             if raw := os.environ.get(f"MODELFLEET_FLEET_{name.upper()}"):
                 budget[name] = int(raw)
         values["fleet"] = FleetSettings(**budget)
+        jobs: dict[str, Any] = {}
+        if raw := os.environ.get("MODELFLEET_RESULTS_DIR"):
+            jobs["results_dir"] = Path(raw).expanduser()
+        for name in ("retention_s", "queue_timeout_s", "webhook_backoff_s"):
+            if raw := os.environ.get(f"MODELFLEET_JOBS_{name.upper()}"):
+                jobs[name] = float(raw)
+        values["jobs"] = JobSettings(**jobs)
         if os.environ.get("MODELFLEET_METERING", "on").lower() in ("off", "0", "false", "no"):
             values["metering"] = False
         values.update({k: v for k, v in overrides.items() if v is not None})

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, Integer, String, TypeDecorator
+from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -147,8 +147,50 @@ class UsageRecord(Base):
     run_ms: Mapped[int] = mapped_column(Integer)
     total_ms: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    images: Mapped[int] = mapped_column(Integer, default=0)
 
     __table_args__ = (
         Index("ix_usage_project_created", "project_id", "created_at"),
         Index("ix_usage_key", "key_id"),
+    )
+
+
+class Job(Base):
+    """An async job (image generation): accepted, queued, run once, kept.
+
+    ``status`` moves queued → running → succeeded | failed, or queued →
+    cancelled; every move is a conditional UPDATE on the expected status, so
+    two runners can never both take the same job.  ``attempts`` counts runs
+    started; a run interrupted by a stop of the server is retried once.
+    """
+
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    key_id: Mapped[str] = mapped_column(String(36))
+    model_id: Mapped[str] = mapped_column(String(200))
+    job_type: Mapped[str] = mapped_column(String(20))
+    status: Mapped[str] = mapped_column(String(20))
+    # The merged, validated request as JSON (input images are files, not here).
+    params: Mapped[str] = mapped_column(Text)
+    input_images: Mapped[int] = mapped_column(Integer, default=0)
+    images: Mapped[int] = mapped_column(Integer, default=0)  # results written
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error_code: Mapped[str | None] = mapped_column(String(50), nullable=True)
+    error_message: Mapped[str | None] = mapped_column(String(1000), nullable=True)
+    deployment_id: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    cost: Mapped[int] = mapped_column(BigInteger, default=0)
+    webhook_url: Mapped[str | None] = mapped_column(String(2000), nullable=True)
+    # none, pending, delivered, failed
+    webhook_state: Mapped[str] = mapped_column(String(20), default="none")
+    webhook_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+    __table_args__ = (
+        Index("ix_jobs_status", "status"),
+        Index("ix_jobs_project_created", "project_id", "created_at"),
     )

@@ -99,8 +99,10 @@ def _cli(*args: str, data_dir: Path) -> str:
     return out.stdout.strip()
 
 
-def launch_server(tmp: Path, catalog: str, env: dict[str, str] | None = None) -> Server:
-    """``modelfleet serve`` in a subprocess on a free loopback port; waits for /health."""
+def launch_server(tmp: Path, catalog: str, env: dict[str, str] | None = None,
+                  key: str | None = None) -> Server:
+    """``modelfleet serve`` in a subprocess on a free loopback port; waits for /health.
+    ``key``: the inference key to use when the data folder is not new (a restart)."""
     catalog_path = tmp / "catalog.toml"
     catalog_path.write_text(catalog)
     data_dir = tmp / "data"
@@ -127,7 +129,7 @@ def launch_server(tmp: Path, catalog: str, env: dict[str, str] | None = None) ->
             stop_server(proc)
             raise RuntimeError("server did not start")
         time.sleep(0.1)
-    key = stdout_path.read_text().strip().splitlines()[0]
+    key = key or stdout_path.read_text().strip().splitlines()[0]
     admin_key = _cli("keys", "create", "--project", "ops", "--scope", "admin", data_dir=data_dir)
     return Server(url, data_dir, log_path, key, admin_key, proc)
 

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from modelfleet import __version__
-from modelfleet.api import account, admin, catalog_routes, errors, inference, metrics_route
+from modelfleet.api import account, admin, catalog_routes, errors, images, inference, metrics_route
 from modelfleet.api.http import RequestIdMiddleware
 from modelfleet.services import Services
 from modelfleet.settings import Settings
@@ -33,6 +33,8 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     )
     errors.install(app)
     app.include_router(inference.router(services))
+    app.include_router(images.router(services))
+    app.include_router(images.jobs_router(services))
     app.include_router(catalog_routes.router(services))
     app.include_router(catalog_routes.fleet_router(services))
     app.include_router(metrics_route.router(services.metrics))

@@ -16,11 +16,34 @@ from modelfleet.services import Services
 ENDPOINTS = {
     ModelKind.chat: ["/v1/chat/completions", "/v1/completions"],
     ModelKind.completion: ["/v1/completions"],
+    ModelKind.embedding: ["/v1/embeddings"],
+    ModelKind.image: ["/v1/inference/image", "/v1/images/generations"],
 }
+# The catalog's groups: "text" holds chat and completion models.
+GROUP = {ModelKind.chat: "text", ModelKind.completion: "text",
+         ModelKind.embedding: "embedding", ModelKind.image: "image"}
+
+
+def _image_parameters(spec: ModelSpec) -> dict[str, Any]:
+    lim, dft = spec.limits, spec.parameter_defaults
+    return {
+        "min_input_images": lim.min_input_images,
+        "max_input_images": lim.max_input_images,
+        "max_prompt_length": lim.max_prompt_chars,
+        "sizes": list(lim.sizes),
+        "steps": {"default": dft.steps, "min": lim.min_steps, "max": lim.max_steps},
+        "n": {"default": 1, "min": 1, "max": lim.max_n},
+        "parameter_defaults": dft.model_dump(),
+    }
 
 
 def _parameters(spec: ModelSpec) -> dict[str, Any]:
+    if spec.kind is ModelKind.image:
+        return _image_parameters(spec)
     lim, dft = spec.limits, spec.defaults
+    if spec.kind is ModelKind.embedding:
+        return {"max_inputs": lim.max_inputs, "max_input_tokens": lim.max_input_tokens,
+                "encoding_format": ["float", "base64"]}
     return {
         "max_tokens": {"default": dft.max_tokens, "min": 1, "max": lim.max_output_tokens},
         "temperature": {"default": dft.temperature, "min": 0.0, "max": 2.0},
@@ -61,13 +84,18 @@ class CatalogView:
             "parameters": _parameters(spec),
             "capabilities": spec.capabilities.model_dump(),
             "scaling": spec.scaling.model_dump(),
-            "pricing": {
-                "unit": "micro-units per million tokens",
-                "input_per_million_tokens": spec.prices.input_per_million,
-                "output_per_million_tokens": spec.prices.output_per_million,
-            },
+            "pricing": self.pricing(spec),
             "runtime": self.runtime(spec),
             "recent_summary_stats": self.services.scheduler.queue(spec.id).stats.summary(),
+        }
+
+    def pricing(self, spec: ModelSpec) -> dict[str, Any]:
+        if spec.kind is ModelKind.image:
+            return {"unit": "micro-units per image", "per_image": spec.prices.per_image}
+        return {
+            "unit": "micro-units per million tokens",
+            "input_per_million_tokens": spec.prices.input_per_million,
+            "output_per_million_tokens": spec.prices.output_per_million,
         }
 
     def openai_model(self, spec: ModelSpec) -> dict[str, Any]:
@@ -101,22 +129,30 @@ def router(services: Services) -> APIRouter:
     @api.get("/v1/inference/models", tags=["catalog"])
     async def inference_models() -> dict[str, Any]:
         """The public catalog: limits, defaults, prices, live state and recent stats."""
-        out: dict[str, Any] = {"object": "catalog", "text": []}
+        out: dict[str, Any] = {"object": "catalog", "text": [], "embedding": [], "image": []}
         for kind in ModelKind:
-            out[kind.value] = []
+            out.setdefault(kind.value, [])
         for spec in catalog:
             entry = view.entry(spec)
-            out["text"].append(entry)
-            out[spec.kind.value].append(entry)
+            out[GROUP[spec.kind]].append(entry)
+            if GROUP[spec.kind] != spec.kind.value:
+                out[spec.kind.value].append(entry)
         return out
 
     @api.get("/v1/inference/runtime/models", tags=["catalog"])
     async def runtime_models() -> dict[str, Any]:
-        rows = []
+        """Per group: whether each model can serve, and its ready/desired replicas."""
+        out: dict[str, list[dict[str, Any]]] = {"text": [], "embedding": [], "image": []}
         for spec in catalog:
-            state = view.runtime(spec)
-            rows.append({"model": spec.id, "kind": spec.kind.value, **state})
-        return {"text": rows}
+            row = {"model": spec.id, "kind": spec.kind.value, **view.runtime(spec)}
+            if spec.kind is ModelKind.image:
+                lim = spec.limits
+                row.update({"min_input_images": lim.min_input_images,
+                            "max_input_images": lim.max_input_images,
+                            "max_prompt_length": lim.max_prompt_chars,
+                            "parameter_defaults": spec.parameter_defaults.model_dump()})
+            out[GROUP[spec.kind]].append(row)
+        return out
 
     return api
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
 from modelfleet.api.auth import require
@@ -16,7 +17,7 @@ from modelfleet.errors import ModelfleetError, RequestTooLarge
 from modelfleet.gateway import Call
 from modelfleet.keys import Principal, Scope
 from modelfleet.metering import Ticket
-from modelfleet.openai import chat, completions
+from modelfleet.openai import chat, completions, embeddings
 from modelfleet.openai.common import parse_body
 from modelfleet.services import Services
 
@@ -93,6 +94,7 @@ def router(services: Services) -> APIRouter:
                 payload=payload,
                 stream=bool(body.stream),
                 include_usage=bool(body.stream_options and body.stream_options.include_usage),
+                encoding_format=getattr(body, "encoding_format", None) or "float",
             )
             call.claim = metering.claim(principal, payload)
             ticket = metering.admit(principal, spec, payload, max_tokens) \
@@ -108,7 +110,8 @@ def router(services: Services) -> APIRouter:
                     headers={**SSE_HEADERS, **headers, **call.headers()},
                 )
             result = await gateway.complete(call)
-            return JSONResponse(result, headers={**headers, **call.headers()})
+            return Response(orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY),
+                            media_type="application/json", headers={**headers, **call.headers()})
         except ModelfleetError as exc:
             if metering.enabled and "X-RateLimit-Tier" not in headers:
                 # refused before admission: report the limits without taking from them
@@ -141,6 +144,20 @@ def router(services: Services) -> APIRouter:
             completions.validate_completion,
             completions.worker_body,
             "/v1/completions",
+        )
+
+    @api.post(
+        "/v1/embeddings",
+        tags=["inference"],
+        openapi_extra=_openapi_body(embeddings.EmbeddingRequest),
+    )
+    async def create_embeddings(request: Request) -> Response:
+        return await run(
+            request,
+            embeddings.EmbeddingRequest,
+            embeddings.validate_embedding,
+            embeddings.worker_body,
+            "/v1/embeddings",
         )
 
     return api

@@ -92,6 +92,7 @@ def engine_for(
 ) -> Engine:
     from modelfleet.engines.external import ExternalServer
     from modelfleet.engines.llamacpp import LlamaCppEngine
+    from modelfleet.engines.own import DiffusersEngine, SentenceTransformersEngine
     from modelfleet.engines.servers import ManagedServer
 
     if spec.engine.type == "llama.cpp":
@@ -100,4 +101,8 @@ def engine_for(
         return ExternalServer(spec, models_dir, environ=environ)
     if spec.engine.type in ("vllm", "sglang"):
         return ManagedServer(spec, models_dir)
+    if spec.engine.type == "sentence-transformers":
+        return SentenceTransformersEngine(spec, models_dir)
+    if spec.engine.type == "diffusers":
+        return DiffusersEngine(spec, models_dir)
     raise ValueError(f"unknown engine {spec.engine.type!r}")  # pragma: no cover

@@ -42,6 +42,24 @@ def resolve(model_file: str, models_dir: Path, pypi_package: str | None = None) 
     return path
 
 
+def resolve_dir(model_dir: str, models_dir: Path, marker: str,
+                pypi_package: str | None = None) -> Path:
+    """The local folder of a model (``package:PKG/DIR`` or a path), which must
+    hold ``marker`` (the file its loader starts from)."""
+    if model_dir.startswith("package:"):
+        package, _, rel = model_dir.removeprefix("package:").partition("/")
+        path = _package_dir(package, pypi_package) / rel
+    else:
+        path = Path(model_dir).expanduser()
+        if not path.is_absolute():
+            path = models_dir / path
+    if not path.is_dir():
+        raise ModelFileMissing(f"model folder {str(path)!r} does not exist{_hint(pypi_package)}")
+    if not (path / marker).is_file():
+        raise ModelFileMissing(f"model folder {str(path)!r} has no {marker}{_hint(pypi_package)}")
+    return path
+
+
 def _package_dir(package: str, pypi_package: str | None) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:

@@ -18,6 +18,7 @@ from modelfleet.openai.common import (
     Strict,
     check_sampling,
     effective_max_tokens,
+    require_kind,
     sampling_payload,
 )
 
@@ -216,12 +217,7 @@ def _check_capabilities(spec: ModelSpec, body: ChatRequest) -> None:
 
 def validate_chat(spec: ModelSpec, body: ChatRequest) -> int:
     """Check the request against the model; return the effective max_tokens."""
-    if spec.kind is not ModelKind.chat:
-        raise InvalidRequest(
-            f"model {spec.id!r} is a {spec.kind.value} model; use /v1/completions",
-            param="model",
-            code="unsupported_endpoint",
-        )
+    require_kind(spec, (ModelKind.chat,), "/v1/chat/completions")
     _check_messages(spec, body.messages)
     check_sampling(
         spec,

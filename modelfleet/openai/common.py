@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from modelfleet.catalog import ModelSpec
+from modelfleet.catalog import ModelKind, ModelSpec
 from modelfleet.errors import InvalidRequest, ValidationFailed
 
 M = TypeVar("M", bound=BaseModel)
@@ -69,6 +69,25 @@ def parse_body(model: type[M], raw: bytes) -> M:
         if extra:
             message += f" (and {extra} more error{'s' if extra > 1 else ''})"
         raise ValidationFailed(message, param=loc or None) from None
+
+
+ENDPOINT_OF_KIND = {
+    ModelKind.chat: "/v1/chat/completions",
+    ModelKind.completion: "/v1/completions",
+    ModelKind.embedding: "/v1/embeddings",
+    ModelKind.image: "/v1/images/generations or /v1/inference/image",
+}
+
+
+def require_kind(spec: ModelSpec, kinds: tuple[ModelKind, ...], endpoint: str) -> None:
+    """400 for a model this endpoint does not serve, naming the one that does."""
+    if spec.kind not in kinds:
+        raise InvalidRequest(
+            f"model {spec.id!r} is a {spec.kind.value} model; {endpoint} does not serve it "
+            f"(use {ENDPOINT_OF_KIND[spec.kind]})",
+            param="model",
+            code="unsupported_endpoint",
+        )
 
 
 def check_range(value: float | None, low: float, high: float, param: str) -> None:

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
-from modelfleet.catalog import ModelSpec
+from modelfleet.catalog import ModelKind, ModelSpec
 from modelfleet.errors import InvalidRequest
 from modelfleet.openai.common import (
     Float,
@@ -18,6 +18,7 @@ from modelfleet.openai.common import (
     Strict,
     check_sampling,
     effective_max_tokens,
+    require_kind,
     sampling_payload,
 )
 
@@ -78,6 +79,7 @@ def _prompt_count(prompt: Any) -> int:
 
 def validate_completion(spec: ModelSpec, body: CompletionRequest) -> int:
     """Check the request against the model; return the effective max_tokens."""
+    require_kind(spec, (ModelKind.chat, ModelKind.completion), "/v1/completions")
     count = _prompt_count(body.prompt)
     if count > spec.limits.max_prompts:
         raise InvalidRequest(

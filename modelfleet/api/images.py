@@ -1,0 +1,183 @@
+"""Image generation as async jobs: the native job API and OpenAI's images endpoint.
+
+    POST /v1/inference/image                 → 202 {job_id, job_type, result_url}
+    GET  /v1/inference/jobs[/{id}]           → the job(s) of the key's project
+    POST /v1/inference/jobs/{id}/cancel      → cancel a queued job
+    GET  /v1/inference/jobs/{id}/result[/i]  → the PNG (owning project only)
+    POST /v1/images/generations              → the same job, waited for (OpenAI shape)
+    GET  /v1/inference/webhook-secret        → this project's webhook signing secret
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from modelfleet.api.auth import require
+from modelfleet.api.http import read_body
+from modelfleet.api.inference import _openapi_body
+from modelfleet.catalog import ModelSpec
+from modelfleet.errors import (
+    Conflict,
+    DeadlineExceeded,
+    InsufficientCredits,
+    InvalidRequest,
+    ModelfleetError,
+    ModelUnavailable,
+    UpstreamError,
+)
+from modelfleet.jobs import TERMINAL, job_view
+from modelfleet.keys import Principal, Scope
+from modelfleet.openai.common import parse_body
+from modelfleet.openai.images import ImageJob, ImageJobRequest, OpenAIImageRequest, native_job, openai_job
+from modelfleet.services import Services
+
+# A job's error code → the status the OpenAI endpoint answers with.
+_FAILURE_STATUS: dict[str, type[ModelfleetError]] = {
+    "model_unavailable": ModelUnavailable,
+    "queue_timeout": DeadlineExceeded,
+    "request_timeout": DeadlineExceeded,
+    "insufficient_credits": InsufficientCredits,
+    "invalid_request": InvalidRequest,
+    "cancelled": Conflict,
+}
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json",
+                    headers=headers)
+
+
+def router(services: Services) -> APIRouter:
+    api = APIRouter()
+    jobs = services.jobs
+    limit = services.settings.http.max_body_bytes
+
+    def model_for(principal: Principal, name: str) -> ModelSpec:
+        spec = services.gateway.resolve(name)
+        services.metering.check_model(principal, spec, name)
+        return spec
+
+    def check_serving(spec: ModelSpec) -> None:
+        available, reason = services.fleet.pools[spec.id].availability()
+        if not available:
+            raise ModelUnavailable(f"model {spec.id!r} is not serving: {reason}")
+
+    async def accept(request: Request, principal: Principal, spec: ModelSpec,
+                     job: ImageJob) -> tuple[Any, dict[str, str]]:
+        check_serving(spec)
+        row, headers = await jobs.submit(principal, spec, job, str(request.base_url))
+        headers = {**headers, "X-Model-Used": spec.id, "X-Backend": spec.backend}
+        return row, headers
+
+    @api.post("/v1/inference/image", tags=["images"], status_code=202,
+              openapi_extra=_openapi_body(ImageJobRequest))
+    async def submit_image(request: Request) -> Response:
+        """Enqueue an image job; answers at once with its id and result URL."""
+        principal = await require(services, request, Scope.inference)
+        body = parse_body(ImageJobRequest, await read_body(request, limit))
+        spec = model_for(principal, body.model)
+        row, headers = await accept(request, principal, spec, native_job(spec, body))
+        view = job_view(row, str(request.base_url))
+        return _json({"job_id": row.id, "job_type": row.job_type, "result_url": view["result_url"],
+                      "status": row.status, "status_url": view["result_url"].rsplit("/", 1)[0]},
+                     202, {**headers, "X-Route-Model": body.model, "Location": view["result_url"]
+                           .rsplit("/", 1)[0]})
+
+    @api.post("/v1/images/generations", tags=["images"],
+              openapi_extra=_openapi_body(OpenAIImageRequest))
+    async def generations(request: Request) -> Response:
+        """OpenAI's image generation: runs one job and waits for it."""
+        principal = await require(services, request, Scope.inference)
+        body = parse_body(OpenAIImageRequest, await read_body(request, limit))
+        spec = model_for(principal, body.model)
+        row, headers = await accept(request, principal, spec, openai_job(spec, body))
+        headers = {**headers, "X-Route-Model": body.model, "X-Job-Id": row.id}
+        # Like a chat request: the model's request timeout covers waiting and running.
+        if not await jobs.wait(row.id, spec.scaling.request_timeout_s):
+            raise DeadlineExceeded(f"job {row.id} did not finish in time; it goes on: "
+                                   f"GET /v1/inference/jobs/{row.id}", headers=headers)
+        done = await jobs.get(principal, row.id)
+        return await _openai_answer(services, principal, done, body, str(request.base_url), headers)
+
+    return api
+
+
+def jobs_router(services: Services) -> APIRouter:
+    """Reading and cancelling jobs, and their results."""
+    api = APIRouter()
+    jobs = services.jobs
+
+    @api.get("/v1/inference/jobs", tags=["images"])
+    async def list_jobs(request: Request, status: str | None = None, limit: int = 20) -> Response:
+        """This project's jobs, newest first."""
+        principal = await require(services, request, None)
+        if not 1 <= limit <= 100:
+            raise InvalidRequest("limit must be between 1 and 100", param="limit")
+        if status is not None and status not in ("queued", "running", *TERMINAL):
+            raise InvalidRequest(f"unknown status {status!r}", param="status")
+        rows = await jobs.list(principal, status, limit)
+        return _json({"object": "list", "data": [job_view(r, str(request.base_url)) for r in rows]})
+
+    @api.get("/v1/inference/jobs/{job_id}", tags=["images"])
+    async def get_job(job_id: str, request: Request) -> Response:
+        """Status, timings, error and result URLs of one job of this project."""
+        principal = await require(services, request, None)
+        return _json(job_view(await jobs.get(principal, job_id), str(request.base_url)))
+
+    @api.post("/v1/inference/jobs/{job_id}/cancel", tags=["images"])
+    async def cancel_job(job_id: str, request: Request) -> Response:
+        """Cancel a queued job (409 once it runs); a cancelled job costs nothing."""
+        principal = await require(services, request, Scope.inference)
+        return _json(job_view(await jobs.cancel(principal, job_id), str(request.base_url)))
+
+    async def result(job_id: str, index: int, request: Request) -> Response:
+        principal = await require(services, request, None)
+        png = await jobs.read_result(principal, job_id, index)
+        return Response(png, media_type="image/png",
+                        headers={"Cache-Control": "private, max-age=3600"})
+
+    @api.get("/v1/inference/jobs/{job_id}/result", tags=["images"])
+    async def get_result(job_id: str, request: Request) -> Response:
+        """The job's (first) image, as PNG; only to a key of the owning project."""
+        return await result(job_id, 0, request)
+
+    @api.get("/v1/inference/jobs/{job_id}/result/{index}", tags=["images"])
+    async def get_result_n(job_id: str, index: int, request: Request) -> Response:
+        return await result(job_id, index, request)
+
+    @api.get("/v1/inference/webhook-secret", tags=["images"])
+    async def webhook_secret(request: Request) -> Response:
+        """The secret this project's webhooks are signed with (see docs/jobs.md)."""
+        principal = await require(services, request, None)
+        return _json({"object": "webhook_secret", "project_id": principal.project_id,
+                      "secret": jobs.signer.secret(principal.project_id),
+                      "header": "X-Modelfleet-Signature", "scheme": "t=<unix>,v1=<hex hmac-sha256>"})
+
+    return api
+
+
+async def _openai_answer(services: Services, principal: Principal, done: Any,
+                         body: OpenAIImageRequest, base_url: str,
+                         headers: dict[str, str]) -> Response:
+    """OpenAI's images response for a finished job, or its failure as an error."""
+    if done.status != "succeeded":
+        error = _FAILURE_STATUS.get(done.error_code or "", UpstreamError)
+        raise error(f"image job {done.id} {done.status}: {done.error_message}",
+                    code=done.error_code, headers=headers)
+    view = job_view(done, base_url)
+    data = []
+    for i, url in enumerate(view["result_urls"]):
+        if body.response_format == "b64_json":
+            png = await services.jobs.read_result(principal, done.id, i)
+            data.append({"b64_json": base64.b64encode(png).decode(), "revised_prompt": body.prompt})
+        else:
+            data.append({"url": url, "revised_prompt": body.prompt})
+    size = f"{view['params']['width']}x{view['params']['height']}"
+    return _json({"created": int(time.time()), "data": data, "output_format": "png", "size": size},
+                 200, headers)

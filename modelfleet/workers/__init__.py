@@ -1,0 +1,1 @@
+"""modelfleet's own worker processes."""
