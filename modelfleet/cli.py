@@ -542,6 +542,22 @@ def models_list(catalog: CatalogOpt = None) -> None:
     )
 
 
+@models_app.command("make-tiny-image")
+def models_make_tiny_image(
+    path: Annotated[Path | None, typer.Argument(
+        help="Folder to write (default: the tiny-random-sd model's folder in the data folder)")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Build a tiny diffusers pipeline with RANDOM weights (a few MB, offline),
+    so the image job flow can be tried without real weights: its images are noise."""
+    from modelfleet.workers.tinydiffusion import build_tiny_pipeline
+
+    target = path or _settings(data_dir).models_dir / "modelfleet-tiny-random-sd"
+    build_tiny_pipeline(target)
+    err.print(f"tiny random pipeline written to {target}; model 'modelfleet/tiny-random-sd' "
+              "can serve now", markup=False, highlight=False)
+
+
 def _print_rows(headers: list[str], rows: list[list[str]]) -> None:
     """A table on a terminal; tab-separated lines (header first) for scripts."""
     if out.is_terminal:

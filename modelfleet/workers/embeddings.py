@@ -53,6 +53,8 @@ INPUT_TYPES = "a string, an array of strings, an array of token ids or an array 
 
 
 class BadRequest(Exception):
+    """A request refused with a 400 in the OpenAI error shape."""
+
     def __init__(self, message: str, param: str | None = "input", code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
@@ -260,6 +262,9 @@ def parse_input(value: object) -> list[Input]:
 
 
 class EmbeddingWorker:
+    """The HTTP side: check a request, queue its inputs, answer in OpenAI's shape.
+    ``/stats`` counts the requests that passed the checks and were embedded."""
+
     def __init__(self, encoder: Encoder, *, name: str, max_batch: int, max_input_tokens: int) -> None:
         self.encoder = encoder
         self.name = name
