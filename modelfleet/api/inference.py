@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -52,8 +52,23 @@ def _recorder(
     return finished
 
 
-def router(services: Services) -> APIRouter:
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _fastapi_endpoint(endpoint: Handler) -> Handler:
+    """The same handler with a signature FastAPI reads as "takes the request"."""
+
+    async def handle(request: Request) -> Response:
+        return await endpoint(request)
+
+    return handle
+
+
+def router(services: Services, handlers: dict[str, Handler] | None = None) -> APIRouter:
+    """The inference routes.  ``handlers`` receives them by path, for the fast
+    path in front of the framework (``api/app.py``)."""
     api = APIRouter()
+    handlers = {} if handlers is None else handlers
     gateway = services.gateway
     metering = services.metering
     limit = services.settings.http.max_body_bytes
@@ -122,42 +137,23 @@ def router(services: Services) -> APIRouter:
                                                   principal.project_id, exc.status)
             raise
 
-    @api.post(
-        "/v1/chat/completions",
-        tags=["inference"],
-        openapi_extra=_openapi_body(chat.ChatRequest),
-    )
-    async def chat_completions(request: Request) -> Response:
-        return await run(
-            request, chat.ChatRequest, chat.validate_chat, chat.worker_body, "/v1/chat/completions"
-        )
+    routes: dict[str, tuple[type[Any], Callable[[ModelSpec, Any], int],
+                            Callable[[ModelSpec, Any, int], dict[str, Any]]]] = {
+        "/v1/chat/completions": (chat.ChatRequest, chat.validate_chat, chat.worker_body),
+        "/v1/completions": (completions.CompletionRequest, completions.validate_completion,
+                            completions.worker_body),
+        "/v1/embeddings": (embeddings.EmbeddingRequest, embeddings.validate_embedding,
+                           embeddings.worker_body),
+    }
+    for path, (model, validate, build) in routes.items():
 
-    @api.post(
-        "/v1/completions",
-        tags=["inference"],
-        openapi_extra=_openapi_body(completions.CompletionRequest),
-    )
-    async def text_completions(request: Request) -> Response:
-        return await run(
-            request,
-            completions.CompletionRequest,
-            completions.validate_completion,
-            completions.worker_body,
-            "/v1/completions",
-        )
+        async def endpoint(request: Request, model: type[Any] = model,
+                           validate: Callable[[ModelSpec, Any], int] = validate,
+                           build: Callable[[ModelSpec, Any, int], dict[str, Any]] = build,
+                           path: str = path) -> Response:
+            return await run(request, model, validate, build, path)
 
-    @api.post(
-        "/v1/embeddings",
-        tags=["inference"],
-        openapi_extra=_openapi_body(embeddings.EmbeddingRequest),
-    )
-    async def create_embeddings(request: Request) -> Response:
-        return await run(
-            request,
-            embeddings.EmbeddingRequest,
-            embeddings.validate_embedding,
-            embeddings.worker_body,
-            "/v1/embeddings",
-        )
-
+        handlers[path] = endpoint
+        api.add_api_route(path, _fastapi_endpoint(endpoint), methods=["POST"], tags=["inference"],
+                          openapi_extra=_openapi_body(model), name=path.rsplit("/", 1)[-1])
     return api
