@@ -27,7 +27,7 @@ STATUSES = ("succeeded", "failed", "cancelled", "abandoned", "disconnected")
 MAX_PAGE = 1000
 MAX_GROUPS = 10_000
 USAGE_COLUMNS = ("request_id", "created_at", "key_id", "model_id", "status", "input_tokens",
-                 "output_tokens", "cost", "wait_ms", "run_ms", "total_ms")
+                 "output_tokens", "cost", "wait_ms", "run_ms", "total_ms", "images")
 
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
@@ -196,6 +196,7 @@ def _aggregates() -> list[ColumnElement[Any]]:
         func.coalesce(func.sum(UsageRecord.input_tokens), 0).label("input_tokens"),
         func.coalesce(func.sum(UsageRecord.output_tokens), 0).label("output_tokens"),
         func.coalesce(func.sum(UsageRecord.cost), 0).label("cost"),
+        func.coalesce(func.sum(UsageRecord.images), 0).label("images"),
     ]
     cols += [func.coalesce(func.sum(case((UsageRecord.status == s, 1), else_=0)), 0).label(s)
              for s in STATUSES]
@@ -215,6 +216,7 @@ def _summary_row(row: Any, day: str | None, model_id: str | None) -> dict[str, A
         "input_tokens": int(row.input_tokens),
         "output_tokens": int(row.output_tokens),
         "cost": int(row.cost),
+        "images": int(row.images),
         "statuses": statuses,
     }
 
@@ -274,6 +276,7 @@ def _usage_record_row(row: UsageRecord) -> dict[str, Any]:
         "input_tokens": row.input_tokens,
         "output_tokens": row.output_tokens,
         "cost": int(row.cost),
+        "images": int(row.images or 0),
         "wait_ms": row.wait_ms,
         "run_ms": row.run_ms,
         "total_ms": row.total_ms,

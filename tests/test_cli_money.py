@@ -24,7 +24,7 @@ from modelfleet.tables import UsageRecord
 from tests.conftest import CHAT, catalog_text
 
 HEADER = ["request_id", "created_at", "key_id", "model_id", "status", "input_tokens",
-          "output_tokens", "cost", "wait_ms", "run_ms", "total_ms"]
+          "output_tokens", "cost", "wait_ms", "run_ms", "total_ms", "images"]
 
 
 def cli(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
