@@ -148,6 +148,7 @@ def serve(
     import uvicorn
 
     from modelfleet.api.app import create_app
+    from modelfleet.api.server import CoalescingHttpToolsProtocol
     from modelfleet.services import Services
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -172,7 +173,7 @@ def serve(
         log_level=log_level,
         access_log=False,
         loop="uvloop",
-        http="httptools",
+        http=CoalescingHttpToolsProtocol,
         timeout_graceful_shutdown=10,
     )
 

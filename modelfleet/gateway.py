@@ -42,6 +42,8 @@ from modelfleet.tasks import TaskOwner
 log = logging.getLogger(__name__)
 
 EMBEDDINGS_PATH = "/v1/embeddings"
+# A successful call's settlement waits at most this long for its answer to be sent.
+FINISH_FALLBACK_S = 0.05
 _USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
 
 
@@ -84,6 +86,12 @@ class Call:
                 self.on_finish(self)
             except Exception:
                 log.exception("settling request %s failed", self.request_id)
+
+    def finish_after_response(self) -> None:
+        """Settle once the answer is on its way: the responder calls ``finish``
+        right after sending it (the bookkeeping is then off the request's path);
+        this timer is the fallback for an answer that is never sent."""
+        asyncio.get_running_loop().call_later(FINISH_FALLBACK_S, self.finish)
 
     @property
     def is_chat(self) -> bool:
@@ -246,7 +254,10 @@ class Gateway:
             if reply is not None:
                 if call.status != "abandoned":
                     call.status = "succeeded" if reply.status == 200 else "failed"
-                call.finish()
+                if call.status == "succeeded":
+                    call.finish_after_response()
+                else:
+                    call.finish()
             elif call.status == "abandoned":
                 call.finish()
 

@@ -9,6 +9,7 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
+from starlette.background import BackgroundTask
 
 from modelfleet.api.auth import require
 from modelfleet.api.http import read_body, request_id
@@ -126,7 +127,8 @@ def router(services: Services, handlers: dict[str, Handler] | None = None) -> AP
                 )
             result = await gateway.complete(call)
             return Response(orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY),
-                            media_type="application/json", headers={**headers, **call.headers()})
+                            media_type="application/json", headers={**headers, **call.headers()},
+                            background=BackgroundTask(call.finish))
         except ModelfleetError as exc:
             if metering.enabled and "X-RateLimit-Tier" not in headers:
                 # refused before admission: report the limits without taking from them

@@ -1,8 +1,11 @@
 """The one client that talks OpenAI-compatible HTTP to every worker.
 
-aiohttp rather than httpx on this path: per request it costs about a third of
-the CPU in the client (docs/dependencies.md), and this path runs on the same
-cores as the model.  Redirects are never followed.
+Loopback workers (every replica modelfleet runs) are reached through
+``wire.WirePool``, a keep-alive HTTP/1.1 client on httptools that costs about
+a third of aiohttp's CPU per request; anything else (an external server,
+https) through aiohttp, which costs about a third of httpx's
+(docs/dependencies.md).  This path runs on the same cores as the model.
+Redirects are never followed.
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import orjson
+
+from modelfleet.engines.wire import WireError, WirePool, WireResponse
 
 
 class WorkerUnreachable(Exception):
@@ -32,6 +38,7 @@ class WorkerReply:
 class WorkerClient:
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
+        self._wire = WirePool()
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, enable_cleanup_closed=True)
@@ -46,6 +53,7 @@ class WorkerClient:
         )
 
     async def close(self) -> None:
+        self._wire.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -73,6 +81,13 @@ class WorkerClient:
         was unreachable, or died before answering: nothing was delivered) raises
         WorkerUnreachable, which is safe to retry; failing while reading the body
         raises WorkerBroke."""
+        if WirePool.handles(url):
+            wire = await self._wire_post(url, payload, headers, "application/json")
+            try:
+                raw = await wire.read()
+            except WireError as exc:
+                raise WorkerBroke(str(exc)) from exc
+            return WorkerReply(wire.status, _json_object(raw))
         try:
             resp = await self.session.post(url, json=payload, allow_redirects=False,
                                            headers=headers)
@@ -86,14 +101,70 @@ class WorkerClient:
             resp.release()
         return WorkerReply(resp.status, _json_object(raw))
 
+    async def _wire_post(self, url: str, payload: dict[str, Any], headers: dict[str, str] | None,
+                         accept: str) -> WireResponse:
+        try:
+            return await self._wire.post(url, orjson.dumps(payload), headers, accept)
+        except WireError as exc:
+            if exc.started:
+                raise WorkerBroke(str(exc)) from exc
+            raise WorkerUnreachable(str(exc)) from exc
+
     async def open_stream(self, url: str, payload: dict[str, Any],
-                          headers: dict[str, str] | None = None) -> WorkerStream:
+                          headers: dict[str, str] | None = None) -> WorkerStream | WireStream:
+        if WirePool.handles(url):
+            return WireStream(await self._wire_post(url, payload, headers, "text/event-stream"))
         try:
             resp = await self.session.post(url, json=payload, allow_redirects=False,
                                            headers=headers)
         except (aiohttp.ClientConnectionError, OSError) as exc:
             raise WorkerUnreachable(str(exc) or type(exc).__name__) from exc
         return WorkerStream(resp)
+
+
+class WireStream:
+    """An open SSE answer from a loopback worker; iterate for the ``data:`` payloads."""
+
+    def __init__(self, resp: WireResponse) -> None:
+        self._resp = resp
+        self.status = resp.status
+        self.started = False
+
+    async def error_body(self) -> dict[str, Any]:
+        try:
+            return _json_object(await self._resp.read())
+        except WireError:
+            return {}
+        finally:
+            self.close()
+
+    async def events(self) -> AsyncIterator[bytes]:
+        """Each event's data, up to but not including ``[DONE]``."""
+        pending = b""
+        try:
+            async for chunk in self._resp.iter_chunks():
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    if not line.startswith(b"data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        self.close()  # the rest is nothing: do not reuse mid-answer
+                        return
+                    self.started = True
+                    yield data
+        except WireError as exc:
+            raise WorkerBroke(str(exc)) from exc
+        if not self.started:
+            raise WorkerUnreachable("worker closed the stream before any event")
+        raise WorkerBroke("worker closed the stream without [DONE]")
+
+    def close(self) -> None:
+        self._resp.close()
+
+    def release(self) -> None:
+        self._resp.release()
 
 
 class WorkerStream:
@@ -136,7 +207,7 @@ class WorkerStream:
 
 def _json_object(raw: bytes) -> dict[str, Any]:
     try:
-        value = json.loads(raw)
+        value = orjson.loads(raw)
     except ValueError:
         return {"error": {"message": raw[:500].decode("utf-8", "replace")}}
     return value if isinstance(value, dict) else {"value": value}
