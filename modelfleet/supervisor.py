@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable
 from enum import StrEnum
@@ -40,6 +42,19 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    """In the new worker, before exec: ask Linux to SIGKILL it when the API
+    process dies, even by kill -9, so no replica outlives the fleet that owns
+    it (and its port and memory).  A no-op elsewhere."""
+    if sys.platform != "linux":
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+PR_SET_PDEATHSIG = 1
 
 
 class StartFailed(Exception):
@@ -124,6 +139,7 @@ class Replica:
                 stderr=asyncio.subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         log.info("replica %s starting (pid %s, port %s)", self.id, self._proc.pid, self.port)
         await self._wait_healthy(timeout_s)

@@ -309,6 +309,11 @@ def test_a_job_survives_kill_9_of_the_api(tmp_path: Path) -> None:
     server = _start(tmp_path)
     try:
         # The model is asleep: the job waits for a cold start when the API dies.
+        # A chat replica too: every replica, llama-server included, must die with the API.
+        chat = httpx.post(server.url + "/v1/chat/completions", headers=_h(server.key), timeout=120,
+                          json={"model": CHAT, "max_tokens": 1,
+                                "messages": [{"role": "user", "content": "hi"}]})
+        assert chat.status_code == 200
         reply = submit(server, seed=3)
         assert reply.status_code == 202
         job_id = reply.json()["job_id"]
@@ -318,7 +323,8 @@ def test_a_job_survives_kill_9_of_the_api(tmp_path: Path) -> None:
         server.proc.wait()
         status = sql(server, "SELECT status FROM jobs WHERE id = ?", job_id)[0][0]
         assert status in ("queued", "running")
-        # the worker of the killed server goes away on its own
+        # the workers of the killed server go away on their own
+        assert any(r["model"] == CHAT and r["pid"] for r in replicas)
         for pid in [r["pid"] for r in replicas if r["pid"]]:
             deadline = time.monotonic() + 10
             while _alive(pid) and time.monotonic() < deadline:
