@@ -122,69 +122,32 @@ class WorkerClient:
         return WorkerStream(resp)
 
 
-class WireStream:
-    """An open SSE answer from a loopback worker; iterate for the ``data:`` payloads."""
+class _EventStream:
+    """An open SSE answer from a worker; iterate ``events`` for the ``data:`` payloads."""
 
-    def __init__(self, resp: WireResponse) -> None:
+    # What reading the lines may raise (a cut connection): becomes WorkerBroke.
+    _read_errors: tuple[type[BaseException], ...] = ()
+
+    def __init__(self, resp: Any) -> None:
         self._resp = resp
-        self.status = resp.status
+        self.status: int = resp.status
         self.started = False
+
+    def _lines(self) -> AsyncIterator[bytes]:
+        raise NotImplementedError
 
     async def error_body(self) -> dict[str, Any]:
         try:
             return _json_object(await self._resp.read())
-        except WireError:
+        except self._read_errors:
             return {}
         finally:
             self.close()
 
     async def events(self) -> AsyncIterator[bytes]:
         """Each event's data, up to but not including ``[DONE]``."""
-        pending = b""
         try:
-            async for chunk in self._resp.iter_chunks():
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                for line in lines:
-                    if not line.startswith(b"data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == b"[DONE]":
-                        self.close()  # the rest is nothing: do not reuse mid-answer
-                        return
-                    self.started = True
-                    yield data
-        except WireError as exc:
-            raise WorkerBroke(str(exc)) from exc
-        if not self.started:
-            raise WorkerUnreachable("worker closed the stream before any event")
-        raise WorkerBroke("worker closed the stream without [DONE]")
-
-    def close(self) -> None:
-        self._resp.close()
-
-    def release(self) -> None:
-        self._resp.release()
-
-
-class WorkerStream:
-    """An open SSE response from a worker; iterate for the ``data:`` payloads."""
-
-    def __init__(self, resp: aiohttp.ClientResponse) -> None:
-        self._resp = resp
-        self.status = resp.status
-        self.started = False
-
-    async def error_body(self) -> dict[str, Any]:
-        try:
-            return _json_object(await self._resp.read())
-        finally:
-            self.close()
-
-    async def events(self) -> AsyncIterator[bytes]:
-        """Each event's data, up to but not including ``[DONE]``."""
-        try:
-            async for line in self._resp.content:
+            async for line in self._lines():
                 if not line.startswith(b"data:"):
                     continue
                 data = line[5:].strip()
@@ -192,7 +155,7 @@ class WorkerStream:
                     return
                 self.started = True
                 yield data
-        except (aiohttp.ClientError, OSError, ValueError) as exc:
+        except self._read_errors as exc:
             raise WorkerBroke(str(exc) or type(exc).__name__) from exc
         if not self.started:
             raise WorkerUnreachable("worker closed the stream before any event")
@@ -203,6 +166,29 @@ class WorkerStream:
 
     def release(self) -> None:
         self._resp.release()
+
+
+class WireStream(_EventStream):
+    """A stream from a loopback worker (``wire.WirePool``)."""
+
+    _read_errors = (WireError,)
+
+    async def _lines(self) -> AsyncIterator[bytes]:
+        pending = b""
+        async for chunk in self._resp.iter_chunks():
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                yield line
+
+
+class WorkerStream(_EventStream):
+    """A stream through aiohttp (external servers)."""
+
+    _read_errors = (aiohttp.ClientError, OSError, ValueError)
+
+    async def _lines(self) -> AsyncIterator[bytes]:
+        async for line in self._resp.content:
+            yield line
 
 
 def _json_object(raw: bytes) -> dict[str, Any]:
