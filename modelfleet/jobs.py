@@ -548,7 +548,8 @@ def _read_files(folder: Path, count: int) -> list[bytes]:
 
 def job_view(row: Job, base_url: str) -> dict[str, Any]:
     """The job as the API shows it (and as webhooks send it)."""
-    base = f"{base_url.rstrip('/')}/v1/inference/jobs/{row.id}/result"
+    url = f"{base_url.rstrip('/')}/v1/inference/jobs/{row.id}"
+    base = f"{url}/result"
     created, started, finished = row.created_at, row.started_at, row.finished_at
     timings: dict[str, int | None] = {
         "queue_ms": _ms(created, started or finished),
@@ -561,6 +562,7 @@ def job_view(row: Job, base_url: str) -> dict[str, Any]:
         "id": row.id,
         "job_id": row.id,
         "object": "job",
+        "url": url,
         "job_type": row.job_type,
         "model": row.model_id,
         "status": row.status,
@@ -569,7 +571,7 @@ def job_view(row: Job, base_url: str) -> dict[str, Any]:
         "finished_at": _ts(finished),
         "timings": timings,
         "attempts": row.attempts,
-        "params": {k: v for k, v in params.items() if k != "prompt"} | {"prompt": params["prompt"]},
+        "params": params,
         "input_images": row.input_images,
         "images": count,
         "result_url": base,

@@ -128,7 +128,7 @@ class Settings:
         jobs: dict[str, Any] = {}
         if raw := os.environ.get("MODELFLEET_RESULTS_DIR"):
             jobs["results_dir"] = Path(raw).expanduser()
-        for name in ("retention_s", "queue_timeout_s", "webhook_backoff_s"):
+        for name in ("retention_s", "queue_timeout_s", "webhook_backoff_s", "sweep_interval_s"):
             if raw := os.environ.get(f"MODELFLEET_JOBS_{name.upper()}"):
                 jobs[name] = float(raw)
         values["jobs"] = JobSettings(**jobs)

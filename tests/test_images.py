@@ -81,15 +81,21 @@ def receiver() -> Iterator[Receiver]:
     httpd.server_close()
 
 
-def _start(tmp: Path) -> Server:
-    build_tiny_pipeline(tmp / "data" / "models" / "modelfleet-tiny-random-sd")
+def _start(tmp: Path, cli: bool = False) -> Server:
+    """A server whose data folder holds the tiny pipeline (made by the CLI, as a
+    user would, or directly)."""
+    if cli:
+        _cli("models", "make-tiny-image", data_dir=tmp / "data")
+    else:
+        build_tiny_pipeline(tmp / "data" / "models" / "modelfleet-tiny-random-sd")
+    assert (tmp / "data" / "models" / "modelfleet-tiny-random-sd" / "model_index.json").is_file()
     return launch_server(tmp, DEFAULT_CATALOG.read_text(),
                          env={"MODELFLEET_JOBS_WEBHOOK_BACKOFF_S": "0.2"})
 
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    running = _start(tmp_path_factory.mktemp("images"))
+    running = _start(tmp_path_factory.mktemp("images"), cli=True)
     try:
         yield running
     finally:
@@ -140,8 +146,12 @@ def test_native_job_flow(srv: Server) -> None:
     assert set(accepted) >= {"job_id", "job_type", "result_url"}
     assert accepted["job_type"] == "image"
     assert reply.headers["x-model-used"] == TINY and "x-request-id" in reply.headers
+    assert reply.headers["location"] == accepted["status_url"]
     job = wait_job(srv, accepted["job_id"])
     assert job["status"] == "succeeded", job
+    assert job["url"] == accepted["status_url"]
+    assert httpx.get(accepted["status_url"], headers=_h(srv.key)).json()["id"] == accepted["job_id"]
+    assert job["params"]["seed"] == 7
     assert job["params"]["steps"] == 4 and job["params"]["guidance"] == 3.5  # model defaults
     assert job["params"]["width"] == 64 and job["images"] == 1
     assert job["timings"]["run_ms"] is not None and job["timings"]["total_ms"] >= job["timings"]["run_ms"]
@@ -331,8 +341,10 @@ def test_a_job_survives_kill_9_of_the_api(tmp_path: Path) -> None:
                 time.sleep(0.1)
             assert not _alive(pid), f"worker {pid} outlived its API process"
         (tmp_path / "catalog.toml").unlink()
-        again = launch_server(tmp_path, DEFAULT_CATALOG.read_text(),
-                              env={"MODELFLEET_JOBS_WEBHOOK_BACKOFF_S": "0.2"}, key=server.key)
+        # Restarted with a short retention, to see results expire and be deleted.
+        again = launch_server(tmp_path, DEFAULT_CATALOG.read_text(), key=server.key,
+                              env={"MODELFLEET_JOBS_RETENTION_S": "4",
+                                   "MODELFLEET_JOBS_SWEEP_INTERVAL_S": "0.5"})
         try:
             job = wait_job(again, job_id)
             assert job["status"] == "succeeded", job
@@ -342,6 +354,14 @@ def test_a_job_survives_kill_9_of_the_api(tmp_path: Path) -> None:
             time.sleep(0.5)
             assert len(sql(again, "SELECT * FROM usage WHERE request_id = ?", job_id)) == 1
             assert len(sql(again, "SELECT * FROM ledger WHERE request_id = ?", job_id)) == 1
+            result_file = again.data_dir / "results" / job_id / "0.png"
+            assert result_file.is_file()
+            deadline = time.monotonic() + 15
+            while result_file.exists() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert not result_file.exists(), "the sweeper did not delete an expired result"
+            gone = httpx.get(job["result_url"], headers=_h(again.key))
+            assert gone.status_code == 404 and gone.json()["error"]["code"] == "result_expired"
         finally:
             stop_server(again.proc)
     finally:

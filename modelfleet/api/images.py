@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import base64
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import orjson
 from fastapi import APIRouter, Request
@@ -36,6 +37,9 @@ from modelfleet.keys import Principal, Scope
 from modelfleet.openai.common import parse_body
 from modelfleet.openai.images import ImageJob, ImageJobRequest, OpenAIImageRequest, native_job, openai_job
 from modelfleet.services import Services
+from modelfleet.tables import Job
+
+B = TypeVar("B", ImageJobRequest, OpenAIImageRequest)
 
 # A job's error code → the status the OpenAI endpoint answers with.
 _FAILURE_STATUS: dict[str, type[ModelfleetError]] = {
@@ -68,36 +72,36 @@ def router(services: Services) -> APIRouter:
         if not available:
             raise ModelUnavailable(f"model {spec.id!r} is not serving: {reason}")
 
-    async def accept(request: Request, principal: Principal, spec: ModelSpec,
-                     job: ImageJob) -> tuple[Any, dict[str, str]]:
+    async def accept(request: Request, schema: type[B],
+                     build: Callable[[ModelSpec, B], ImageJob]) -> tuple[Principal, Job, B, dict[str, str]]:
+        """Authenticate, parse, check against the model, then submit the job."""
+        principal = await require(services, request, Scope.inference)
+        body = parse_body(schema, await read_body(request, limit))
+        name = body.model
+        spec = model_for(principal, name)
+        job = build(spec, body)
         check_serving(spec)
         row, headers = await jobs.submit(principal, spec, job, str(request.base_url))
-        headers = {**headers, "X-Model-Used": spec.id, "X-Backend": spec.backend}
-        return row, headers
+        return principal, row, body, {**headers, "X-Model-Used": spec.id, "X-Route-Model": name,
+                                      "X-Backend": spec.backend}
 
     @api.post("/v1/inference/image", tags=["images"], status_code=202,
               openapi_extra=_openapi_body(ImageJobRequest))
     async def submit_image(request: Request) -> Response:
         """Enqueue an image job; answers at once with its id and result URL."""
-        principal = await require(services, request, Scope.inference)
-        body = parse_body(ImageJobRequest, await read_body(request, limit))
-        spec = model_for(principal, body.model)
-        row, headers = await accept(request, principal, spec, native_job(spec, body))
+        _, row, _, headers = await accept(request, ImageJobRequest, native_job)
         view = job_view(row, str(request.base_url))
         return _json({"job_id": row.id, "job_type": row.job_type, "result_url": view["result_url"],
-                      "status": row.status, "status_url": view["result_url"].rsplit("/", 1)[0]},
-                     202, {**headers, "X-Route-Model": body.model, "Location": view["result_url"]
-                           .rsplit("/", 1)[0]})
+                      "status": row.status, "status_url": view["url"]},
+                     202, {**headers, "Location": view["url"]})
 
     @api.post("/v1/images/generations", tags=["images"],
               openapi_extra=_openapi_body(OpenAIImageRequest))
     async def generations(request: Request) -> Response:
         """OpenAI's image generation: runs one job and waits for it."""
-        principal = await require(services, request, Scope.inference)
-        body = parse_body(OpenAIImageRequest, await read_body(request, limit))
-        spec = model_for(principal, body.model)
-        row, headers = await accept(request, principal, spec, openai_job(spec, body))
-        headers = {**headers, "X-Route-Model": body.model, "X-Job-Id": row.id}
+        principal, row, body, headers = await accept(request, OpenAIImageRequest, openai_job)
+        spec = services.gateway.resolve(row.model_id)
+        headers["X-Job-Id"] = row.id
         # Like a chat request: the model's request timeout covers waiting and running.
         if not await jobs.wait(row.id, spec.scaling.request_timeout_s):
             raise DeadlineExceeded(f"job {row.id} did not finish in time; it goes on: "
