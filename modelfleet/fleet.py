@@ -7,6 +7,10 @@ then ``ready``.  A replica idle past the model's idle timeout is stopped
 stops answering health pings is replaced, with exponential backoff; after
 ``max_start_failures`` failed starts in a row the model is reported
 unavailable, with the reason, for a cooldown.
+
+With several gateway processes on one data folder, one of them owns the
+fleet and the others mirror it (``fleetshare.py``): a follower's pools route
+to the replicas the owner announces and pass their demand on to it.
 """
 
 from __future__ import annotations
@@ -22,14 +26,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from modelfleet.catalog import Catalog, ModelSpec
-from modelfleet.engines.base import Engine, ModelFileMissing, Resources, engine_for
+from modelfleet.engines.base import Engine, LaunchPlan, ModelFileMissing, Resources, engine_for
 from modelfleet.engines.http import WorkerClient
+from modelfleet.fleetshare import FleetShare, ModelNote, RemoteLoad, ReplicaNote, share_of
 from modelfleet.ids import short_id
 from modelfleet.settings import FleetSettings, Settings
 from modelfleet.supervisor import Replica, ReplicaState, StartFailed, free_port
 from modelfleet.tasks import TaskOwner
 
 log = logging.getLogger(__name__)
+
+# A follower stops routing to an announced replica that failed a check, this long.
+SHUN_S = 5.0
 
 
 def _slug(model_id: str) -> str:
@@ -71,6 +79,7 @@ class ModelPool:
         settings: Settings,
         owner: TaskOwner,
         clock: Callable[[], float] = time.monotonic,
+        ask_owner: Callable[[], None] = lambda: None,
     ) -> None:
         self.spec = spec
         self.engine = engine
@@ -102,6 +111,15 @@ class ModelPool:
         # Observers (metrics): every scale decision, every cold start.
         self.on_event: Callable[[ScaleEvent], None] = lambda event: None
         self.on_cold_start: Callable[[str, float], None] = lambda model, seconds: None
+        # Several gateways (fleetshare.py).  A follower mirrors what the owner
+        # announced and asks it (``ask_owner``) for replicas; the owner adds
+        # the others' demand (``remote``) to its own.
+        self.follower = False
+        self.announced: ModelNote | None = None
+        self.ask_owner = ask_owner
+        self.remote = RemoteLoad()
+        self.gateways = 1
+        self._shunned: dict[str, float] = {}
 
     # -- state as the API reports it -----------------------------------------
 
@@ -121,12 +139,16 @@ class ModelPool:
             return "ready"
         if any(r.state is ReplicaState.starting for r in self.replicas):
             return "starting"
+        if self.follower:
+            return self.announced.state if self.announced is not None else "sleeping"
         if self._delayed_start is not None and not self._delayed_start.done():
             return "starting"
         return "sleeping"
 
     def availability(self) -> tuple[bool, str | None]:
         """Whether the model can serve (now or after a cold start), and why not."""
+        if self.follower and self.announced is not None:
+            return self.announced.available, self.announced.reason
         now = self.clock()
         checked_at, problem = self._file_check
         if now - checked_at > 10.0:
@@ -154,6 +176,22 @@ class ModelPool:
                 best = replica
         return best
 
+    # -- demand of every gateway ------------------------------------------------
+
+    def total_waiting(self) -> int:
+        return self.waiting() + self.remote.waiting
+
+    def total_demand(self) -> int:
+        return self.demand() + self.remote.waiting + self.remote.in_flight
+
+    def fleet_load(self) -> tuple[int, int]:
+        """Requests waiting for this model, and running on it, on every gateway."""
+        waiting = self.waiting()
+        in_flight = sum(r.outstanding for r in self.replicas)
+        if self.follower and self.announced is not None:
+            return max(waiting, self.announced.queued), max(in_flight, self.announced.in_flight)
+        return waiting + self.remote.waiting, in_flight + self.remote.in_flight
+
     # -- scaling -----------------------------------------------------------------
 
     def scale_for_demand(self) -> None:
@@ -165,16 +203,21 @@ class ModelPool:
           more, up to what demand needs and max_replicas;
         - down: idle replicas are stopped by ``reap_idle``.
         """
+        if self.follower:  # the owner decides, for every gateway's demand
+            if self.desired == 0 or not self.replicas:
+                self.ask_owner()  # a cold start: tell it now, not at the next report
+            return
         scaling = self.spec.scaling
         now = self.clock()
-        demand, waiting = self.demand(), self.waiting()
+        demand, waiting = self.total_demand(), self.total_waiting()
         needed = max(scaling.min_replicas,
                      min(scaling.max_replicas, math.ceil(demand / scaling.concurrency)))
         if self.desired < scaling.min_replicas:
             self._set_desired(scaling.min_replicas, "min_replicas")
         elif demand and self.desired == 0:
             self._set_desired(1, "request waiting for a sleeping model")
-        pressure = waiting > 0 and self.free_replica() is None
+        pressure = ((self.waiting() > 0 and self.free_replica() is None)
+                    or self.remote.pressed)
         if not pressure:
             self._pressure_since = None
         elif self._pressure_since is None:
@@ -237,6 +280,7 @@ class ModelPool:
             clock=self.clock,
         )
         replica.resources = self.engine.resources()
+        replica.share = share_of(replica.slots, self.gateways)
         self.replicas.append(replica)
         self.owner.spawn(self._run(replica), replica.id)
 
@@ -340,8 +384,13 @@ class ModelPool:
         self._converge()
 
     async def check_replica(self, replica: Replica) -> None:
-        """After a failed dispatch: replace the replica if it is dead or not answering."""
+        """After a failed dispatch: replace the replica if it is dead or not answering
+        (a follower only stops routing to it for a while: the owner replaces it)."""
         if replica.state is not ReplicaState.ready:
+            return
+        if replica.mirrored:
+            if not await replica.healthy():
+                self._shun(replica)
             return
         if not replica.alive or not await replica.healthy():
             self.replica_died(replica, "worker stopped answering")
@@ -351,8 +400,8 @@ class ModelPool:
             self.replicas.remove(replica)
 
     def is_idle(self, replica: Replica) -> bool:
-        return (replica.state is ReplicaState.ready and replica.outstanding == 0
-                and self.waiting() == 0)
+        return (replica.state is ReplicaState.ready and not replica.busy
+                and self.total_waiting() == 0)
 
     def evict(self, replica: Replica, reason: str) -> None:
         """Stop an idle replica to make room for another model."""
@@ -368,13 +417,13 @@ class ModelPool:
         """Stop replicas idle past the idle timeout, down to min_replicas."""
         scaling = self.spec.scaling
         now = self.clock()
-        if self.demand() > 0:
+        if self.follower or self.total_demand() > 0:
             return
         for replica in list(self.replicas):
             if self.live_replicas <= scaling.min_replicas:
                 break
-            idle = now - replica.last_active
-            if (replica.state is ReplicaState.ready and not replica.outstanding
+            idle = now - replica.last_used
+            if (replica.state is ReplicaState.ready and not replica.busy
                     and idle >= scaling.idle_timeout_s):
                 before = self.live_replicas
                 self._record(before, before - 1, f"idle for {idle:.0f}s")
@@ -396,8 +445,98 @@ class ModelPool:
             "reason": reason,
             "ready_replicas": self.ready_replicas,
             "desired_replicas": self.desired,
-            "waiting_for_room": self.blocked if self.demand() else None,
+            "waiting_for_room": self.blocked if self.follower or self.total_demand() else None,
         }
+
+    # -- several gateways (fleetshare.py) -----------------------------------------
+
+    def set_gateways(self, gateways: int) -> None:
+        """How many gateways share each replica's slots (each fills a share)."""
+        if gateways == self.gateways:
+            return
+        more_room = gateways < self.gateways
+        self.gateways = gateways
+        for replica in self.replicas:
+            replica.share = share_of(replica.slots, gateways)
+        if more_room:
+            self.on_capacity()
+
+    def take_load(self, load: RemoteLoad, wall: Callable[[], float]) -> None:
+        """Owner: what the other gateways report for this model."""
+        self.remote = load
+        offset = self.clock() - wall()  # unix seconds -> this clock
+        for replica in self.replicas:
+            outstanding, last_used = load.replicas.get(replica.id, (0, 0.0))
+            replica.remote_outstanding = outstanding
+            if last_used:
+                replica.remote_last_active = max(replica.remote_last_active, last_used + offset)
+        if load.waiting:
+            self.scale_for_demand()
+
+    def mirror(self, note: ModelNote | None, gateways: int) -> None:
+        """Follower: route to what the owner announced (None: no live owner, so
+        no usable replica)."""
+        was_available = self.availability()[0]
+        self.announced = note
+        self.desired = note.desired if note is not None else 0
+        self.blocked = note.waiting_for_room if note is not None else None
+        gained = self._mirror_replicas(note.replicas if note is not None else ())
+        self.set_gateways(gateways)
+        if note is not None and not note.available and was_available:
+            self.on_unavailable(note.reason or "the fleet's owner reports it unavailable")
+        elif gained:
+            self.on_capacity()
+
+    def _mirror_replicas(self, notes: tuple[ReplicaNote, ...]) -> bool:
+        """Mirror the announced replicas; True if one became ready here."""
+        now = self.clock()
+        self._shunned = {rid: until for rid, until in self._shunned.items() if until > now}
+        known = {r.id: r for r in self.replicas}
+        mirrored: list[Replica] = []
+        gained = False
+        for note in notes:
+            if note.id in self._shunned:
+                continue
+            replica = known.pop(note.id, None) or self._mirrored(note)
+            ready = ReplicaState(note.state) is ReplicaState.ready
+            gained = gained or (ready and replica.state is not ReplicaState.ready)
+            replica.state = ReplicaState(note.state)
+            mirrored.append(replica)
+        for gone in known.values():
+            gone.state = ReplicaState.stopped
+        self.replicas = mirrored
+        return gained
+
+    def _mirrored(self, note: ReplicaNote) -> Replica:
+        replica = Replica(
+            replica_id=note.id, model_id=self.spec.id, port=0,
+            plan=LaunchPlan(argv=[], url=note.base_url, headers=dict(note.headers),
+                            health_path=note.health_path),
+            slots=note.slots, log_path=self.settings.logs_dir / f"{note.id}.log",
+            client=self.client, settings=self.fleet_settings, clock=self.clock,
+        )
+        replica.share = share_of(note.slots, self.gateways)
+        replica.mirrored, replica.mirrored_pid = True, note.pid
+        replica.started_at = self.clock() - max(0.0, self.wall() - note.started_at)
+        return replica
+
+    def _shun(self, replica: Replica) -> None:
+        log.warning("replica %s of the fleet's owner is not answering; not routing to it",
+                    replica.id)
+        replica.state = ReplicaState.failed
+        self._forget(replica)
+        self._shunned[replica.id] = self.clock() + SHUN_S
+
+    def take_over(self) -> None:
+        """This process now owns the fleet: the mirrored replicas died with
+        their owner; start from min_replicas (demand decides the rest)."""
+        for replica in self.replicas:
+            replica.state = ReplicaState.stopped
+        self.replicas = []
+        self.follower = False
+        self.announced = None
+        self.blocked = None
+        self.desired = self.spec.scaling.min_replicas
 
 
 class Room:
@@ -433,7 +572,7 @@ class Room:
             (r for other in self.pools.values() if other is not pool
              for r in other.replicas
              if other.is_idle(r) and other.live_replicas > other.spec.scaling.min_replicas),
-            key=lambda r: r.last_active,
+            key=lambda r: r.last_used,
         )
         chosen: list[Replica] = []
         for victim in victims:
@@ -454,12 +593,13 @@ class Room:
 
     def retry_blocked(self) -> None:
         for pool in self.pools.values():
-            if pool.blocked is not None and pool.demand() > 0:
+            if pool.blocked is not None and pool.total_demand() > 0:
                 pool.scale_for_demand()
 
 
 class Fleet:
-    """All pools, the idle reaper, and shutdown."""
+    """All pools, the idle reaper, and shutdown; and this process's part in a
+    fleet shared by several gateway processes (owner or follower)."""
 
     def __init__(
         self,
@@ -472,17 +612,36 @@ class Fleet:
         self.client = client
         self.owner = TaskOwner("fleet")
         self.pools: dict[str, ModelPool] = {}
+        self.share = FleetShare(settings.data_dir / "fleet", self.pools)
         for spec in catalog:
             engine = engine_for(spec, settings.models_dir, settings.fleet.llama_server)
-            self.pools[spec.id] = ModelPool(spec, engine, client, settings, self.owner, clock)
+            self.pools[spec.id] = ModelPool(spec, engine, client, settings, self.owner, clock,
+                                            ask_owner=self.share.wake)
         self.room = Room(machine_budget(settings.fleet), self.pools)
         for pool in self.pools.values():
             pool.room = self.room
 
     def start(self) -> None:
+        """Own the fleet, unless another process on this data folder does: then
+        follow it (and take over when it is gone)."""
+        if self.share.try_own():
+            self._own()
+        else:
+            log.info("another process owns the fleet of %s; following it",
+                     self.settings.data_dir)
+            for pool in self.pools.values():
+                pool.follower = True
+        self.owner.spawn(self.share.run(self._take_over), "share")
+
+    def _own(self) -> None:
         for pool in self.pools.values():
             pool.scale_for_demand()  # min_replicas > 0 starts now
         self.owner.spawn(self._reaper(), "reaper")
+
+    def _take_over(self) -> None:
+        for pool in self.pools.values():
+            pool.take_over()
+        self._own()
 
     async def _reaper(self) -> None:
         """Every reap interval: stop idle replicas, re-decide scale (sustained
@@ -499,12 +658,14 @@ class Fleet:
 
     def tick(self) -> None:
         for pool in self.pools.values():
-            if pool.demand() or pool.live_replicas < pool.desired:
+            if pool.total_demand() or pool.live_replicas < pool.desired:
                 pool.scale_for_demand()
 
     def events(self) -> list[ScaleEvent]:
         return sorted((e for p in self.pools.values() for e in p.events), key=lambda e: e.at)
 
     async def close(self) -> None:
+        self.share.leave()  # followers stop routing to this process's replicas now
         await self.owner.close()
         await asyncio.gather(*(p.stop_all() for p in self.pools.values()))
+        self.share.close()  # a follower takes over

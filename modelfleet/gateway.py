@@ -1,14 +1,17 @@
-"""One inference request, from queue to worker and back in the OpenAI shape.
+"""One request, owned by one task from admission to settlement.
 
-    acquire a slot (queue; cold start; 503 / 504)
+    Gateway.handle(call)  (an async context manager, entered by the task that
+                           owns the request: a route's, or a job's runner)
+      admit: limits + worst-case hold in one step of the admission store
+      → acquire a slot (queue; cold start; 503 / 504)
       → POST to the worker (retried elsewhere if it never reached it)
-      → rewrite the answer (our id and model name, OpenAI fields only)
-      → release the slot, record wait / run times
+      → yield the answer (a body, or a stream of SSE events) to be rendered
+      → exit: the single cleanup step settles it, on the event loop
 
 The deadline is the model's ``request_timeout_s``.  Passed while queued, the
 request is cancelled; passed while running, the client gets 504 and the
-work is ``abandoned``: it goes on to the end on the worker, which keeps the
-slot until then.
+work is ``abandoned``: it is settled then (abandoned work is not charged),
+and goes on to the end on the worker, which keeps the slot until then.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,16 +38,22 @@ from modelfleet.errors import (
 )
 from modelfleet.fleet import Fleet
 from modelfleet.keys import Principal
+from modelfleet.metering import Metering, Outcome, Ticket
+from modelfleet.metrics import Metrics
 from modelfleet.openai import embeddings, shape
 from modelfleet.scheduler import ANONYMOUS, Claim, Lease, ModelQueue, Scheduler
+from modelfleet.states import RequestState
 from modelfleet.tasks import TaskOwner
 
 log = logging.getLogger(__name__)
 
 EMBEDDINGS_PATH = "/v1/embeddings"
-# A successful call's settlement waits at most this long for its answer to be sent.
-FINISH_FALLBACK_S = 0.05
 _USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+
+# Called with the lease once a slot is won, before the worker is called (an
+# async job marks its row running there, or raises to stop).
+Starting = Callable[[Lease], Awaitable[None]]
 
 
 @dataclass
@@ -55,43 +64,25 @@ class Call:
     route_model: str
     spec: ModelSpec
     principal: Principal | None
-    path: str  # the worker path: /v1/chat/completions or /v1/completions
+    path: str  # the worker path: /v1/chat/completions, /v1/completions, ...
     payload: dict[str, Any]
     stream: bool = False
     include_usage: bool = False
     deployment_id: str | None = None
-    # pending, succeeded, failed, abandoned (deadline while running), cancelled
-    # (deadline while queued), disconnected (the client left a stream early)
-    status: str = "pending"
+    status: RequestState = RequestState.pending
     usage: dict[str, int] = field(default_factory=dict)
     created: int = field(default_factory=lambda: int(time.time()))
     claim: Claim = ANONYMOUS  # fair-queue identity: project, weight, priority, cap
     wait_s: float = 0.0
     run_s: float = 0.0
-    # Called once, when the work has ended (settlement); None: nothing to settle.
-    on_finish: Callable[[Call], None] | None = None
-    finished: bool = False
-    work_running: bool = False
     # Embeddings: the format the client asked for (the worker always sends base64).
     encoding_format: str = "float"
-
-    def finish(self, default_status: str = "failed") -> None:
-        if self.finished:
-            return
-        self.finished = True
-        if self.status == "pending":
-            self.status = default_status
-        if self.on_finish is not None:
-            try:
-                self.on_finish(self)
-            except Exception:
-                log.exception("settling request %s failed", self.request_id)
-
-    def finish_after_response(self) -> None:
-        """Settle once the answer is on its way: the responder calls ``finish``
-        right after sending it (the bookkeeping is then off the request's path);
-        this timer is the fallback for an answer that is never sent."""
-        asyncio.get_running_loop().call_later(FINISH_FALLBACK_S, self.finish)
+    # Money: how to admit it (None: not metered) and, once admitted, its ticket.
+    admit: Callable[[], Awaitable[Ticket]] | None = None
+    ticket: Ticket | None = None
+    images: int = 0  # image jobs: images delivered (charged per image)
+    # Async jobs wait this long for a slot (None: the request deadline covers both).
+    queue_timeout_s: float | None = None
 
     @property
     def is_chat(self) -> bool:
@@ -100,6 +91,10 @@ class Call:
     @property
     def response_id(self) -> str:
         return f"{'chatcmpl' if self.is_chat else 'cmpl'}-{self.request_id}"
+
+    @property
+    def rate_headers(self) -> dict[str, str]:
+        return self.ticket.headers if self.ticket is not None else {}
 
     def headers(self) -> dict[str, str]:
         out = {
@@ -110,6 +105,14 @@ class Call:
         if self.deployment_id:
             out["X-Deployment-Id"] = self.deployment_id
         return out
+
+
+@dataclass
+class Answer:
+    """What ``Gateway.handle`` yields: a JSON body, or the SSE events of a stream."""
+
+    body: dict[str, Any] | None = None
+    events: AsyncIterator[bytes] | None = None
 
 
 def _usage(raw: Any) -> dict[str, Any]:
@@ -146,22 +149,6 @@ def _worker_error(call: Call, reply: WorkerReply) -> ModelfleetError:
     return UpstreamError(f"worker answered {reply.status}: {message}")
 
 
-@contextlib.contextmanager
-def _settle_unless_running(call: Call) -> Iterator[None]:
-    """A request that fails before (or without) work running on a worker is
-    settled here; work that runs settles itself when it ends."""
-    try:
-        yield
-    except DeadlineExceeded as exc:
-        if not call.work_running:
-            call.finish("cancelled" if exc.code == "queue_timeout" else "failed")
-        raise
-    except BaseException:
-        if not call.work_running:
-            call.finish("cancelled")
-        raise
-
-
 class Gateway:
     def __init__(
         self,
@@ -169,6 +156,8 @@ class Gateway:
         fleet: Fleet,
         scheduler: Scheduler,
         client: WorkerClient,
+        metering: Metering,
+        metrics: Metrics,
         *,
         dispatch_retries: int = 2,
     ) -> None:
@@ -176,6 +165,8 @@ class Gateway:
         self.fleet = fleet
         self.scheduler = scheduler
         self.client = client
+        self.metering = metering
+        self.metrics = metrics
         self.retries = dispatch_retries
         self.owner = TaskOwner("gateway")
 
@@ -188,31 +179,86 @@ class Gateway:
             raise ModelNotFound(f"model {name!r} does not exist", param="model")
         return spec
 
+    # -- the one entry ------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def handle(self, call: Call, starting: Starting | None = None) -> AsyncIterator[Answer]:
+        """Run ``call`` in the calling task: admit it, queue it, dispatch it,
+        yield its answer to be rendered, and settle it on the way out (once,
+        whatever happened: error, deadline, a client that left)."""
+        if call.admit is not None:
+            call.ticket = await call.admit()  # refused: nothing was taken, nothing to settle
+        try:
+            if call.stream:
+                events = await self._open_stream(call)
+                try:
+                    yield Answer(events=events)
+                finally:
+                    await events.aclose()  # type: ignore[attr-defined]
+            else:
+                yield Answer(body=await self._complete(call, starting))
+        except DeadlineExceeded as exc:
+            if call.status is RequestState.pending:
+                call.status = RequestState.cancelled if exc.code == "queue_timeout" \
+                    else RequestState.failed
+            raise
+        except BaseException:
+            if call.status is RequestState.pending:
+                call.status = RequestState.cancelled
+            raise
+        finally:
+            await self._settle(call)
+
+    async def _settle(self, call: Call) -> None:
+        """The request's single cleanup step: stats, money and limits, metrics."""
+        if call.status is RequestState.pending:
+            call.status = RequestState.failed
+        if call.status in (RequestState.succeeded, RequestState.disconnected):
+            self.scheduler.queue(call.spec.id).stats.record(call.wait_s, call.run_s)
+        project = call.principal.project_id if call.principal else ""
+        if call.ticket is not None and call.principal is not None:
+            outcome = Outcome(call.request_id, call.status, dict(call.usage), call.wait_s,
+                              call.run_s, call.images)
+            await self.metering.settle(call.ticket, outcome, call.principal.key_id)
+        self.metrics.request_finished(
+            call.spec.id, project, call.status.value, call.wait_s, call.run_s,
+            int(call.usage.get("prompt_tokens", 0)), int(call.usage.get("completion_tokens", 0)))
+
     # -- non-streaming ------------------------------------------------------------
 
-    async def complete(self, call: Call) -> dict[str, Any]:
-        with _settle_unless_running(call):
-            return await self._complete(call)
-
-    async def _complete(self, call: Call) -> dict[str, Any]:
-        queue = self.scheduler.queue(call.spec.id)
+    def _deadlines(self, call: Call, queue: ModelQueue) -> tuple[float, float]:
         enqueued = queue.clock()
         deadline = enqueued + call.spec.scaling.request_timeout_s
+        if call.queue_timeout_s is None:
+            return enqueued, deadline
+        return enqueued, enqueued + call.queue_timeout_s
+
+    async def _complete(self, call: Call, starting: Starting | None = None) -> dict[str, Any]:
+        queue = self.scheduler.queue(call.spec.id)
+        enqueued, deadline = self._deadlines(call, queue)
         for attempt in range(self.retries + 1):
             lease = await queue.acquire(deadline, enqueued, call.claim)
             call.deployment_id = lease.replica.id
             call.wait_s = lease.wait_s
-            call.work_running = True
+            if starting is not None:
+                try:
+                    await starting(lease)
+                except BaseException:
+                    queue.release(lease)
+                    raise
+            run_deadline = deadline if call.queue_timeout_s is None \
+                else queue.clock() + call.spec.scaling.request_timeout_s
             work = self.owner.spawn(self._post(queue, lease, call), call.request_id)
             try:
-                async with asyncio.timeout(max(0.0, deadline - queue.clock())):
+                async with asyncio.timeout(max(0.0, run_deadline - queue.clock())):
                     reply = await asyncio.shield(work)
             except TimeoutError:
                 if work.done() and not work.cancelled() and work.exception() is None:
                     reply = work.result()  # finished at the deadline itself: deliver it
                     if reply.status == 200:
+                        call.status = RequestState.succeeded
                         return self._rewrite(call, reply.body)
-                call.status = "abandoned"
+                call.status = RequestState.abandoned
                 raise DeadlineExceeded(
                     f"request to {call.spec.id!r} did not finish within "
                     f"{call.spec.scaling.request_timeout_s:g}s; the work was abandoned",
@@ -222,25 +268,23 @@ class Gateway:
                 await self._unreachable(call, lease, exc, attempt)
                 continue
             except WorkerBroke as exc:
-                call.status = "failed"
+                call.status = RequestState.failed
                 await queue.pool.check_replica(lease.replica)
                 raise UpstreamError(
                     f"the worker serving {call.spec.id!r} failed while answering: {exc}",
                     code="worker_failed",
                 ) from None
             if reply.status != 200:
-                call.status = "failed"
+                call.status = RequestState.failed
                 raise _worker_error(call, reply)
-            call.status = "succeeded"
+            call.status = RequestState.succeeded
             return self._rewrite(call, reply.body)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _post(self, queue: ModelQueue, lease: Lease, call: Call) -> WorkerReply:
         """The work itself: shielded from the client, so a deadline or a client
-        that leaves does not cancel it.  It settles the call when it ends with an
-        answer, or when it was abandoned."""
+        that leaves does not cancel it; it holds the slot until the worker is done."""
         started = queue.clock()
-        reply: WorkerReply | None = None
         try:
             reply = await self.client.post(lease.replica.base_url + call.path, call.payload,
                                            lease.replica.headers)
@@ -250,21 +294,13 @@ class Gateway:
         finally:
             call.run_s = queue.clock() - started
             queue.release(lease)
-            call.work_running = False
-            if reply is not None:
-                if call.status != "abandoned":
-                    call.status = "succeeded" if reply.status == 200 else "failed"
-                if call.status == "succeeded":
-                    call.finish_after_response()
-                else:
-                    call.finish()
-            elif call.status == "abandoned":
-                call.finish()
 
     def _rewrite(self, call: Call, body: dict[str, Any]) -> dict[str, Any]:
         if call.path == EMBEDDINGS_PATH:
             return embeddings.render(call.spec.id, body, call.usage or _usage(body.get("usage")),
                                      call.encoding_format)
+        if not call.path.endswith("completions"):
+            return body  # a job's worker answer, read by the job itself
         choices = body.get("choices") or []
         out: dict[str, Any] = {
             "id": call.response_id,
@@ -282,15 +318,10 @@ class Gateway:
 
     # -- streaming --------------------------------------------------------------
 
-    async def open_stream(self, call: Call) -> AsyncIterator[bytes]:
-        """Start a stream; errors before its first event are raised as HTTP errors."""
-        with _settle_unless_running(call):
-            return await self._open_stream(call)
-
     async def _open_stream(self, call: Call) -> AsyncIterator[bytes]:
+        """Start a stream; errors before its first event are raised as HTTP errors."""
         queue = self.scheduler.queue(call.spec.id)
-        enqueued = queue.clock()
-        deadline = enqueued + call.spec.scaling.request_timeout_s
+        enqueued, deadline = self._deadlines(call, queue)
         for attempt in range(self.retries + 1):
             lease = await queue.acquire(deadline, enqueued, call.claim)
             call.deployment_id = lease.replica.id
@@ -302,7 +333,7 @@ class Gateway:
                                                            lease.replica.headers)
             except TimeoutError:
                 queue.release(lease)
-                call.status = "cancelled"
+                call.status = RequestState.cancelled
                 raise self._deadline(call, "produced nothing") from None
             except WorkerUnreachable as exc:
                 queue.release(lease)
@@ -314,10 +345,9 @@ class Gateway:
             if stream.status != 200:
                 body = await stream.error_body()
                 queue.release(lease)
-                call.status = "failed"
+                call.status = RequestState.failed
                 raise _worker_error(call, WorkerReply(stream.status, body))
             pump = _Pump(self, call, queue, lease, stream)
-            call.work_running = True
             pump.task = self.owner.spawn(pump.run(), call.request_id)
             try:
                 first = await pump.next(deadline)
@@ -328,7 +358,7 @@ class Gateway:
                 await self._unreachable(call, lease, first, attempt)
                 continue
             if first is _TIMEOUT:
-                call.status = "abandoned"
+                call.status = RequestState.abandoned
                 pump.abandon()
                 raise self._deadline(call, "produced nothing")
             return self._relay(call, pump, first, deadline)
@@ -345,7 +375,7 @@ class Gateway:
             )
 
     def _deadline(self, call: Call, what: str) -> DeadlineExceeded:
-        suffix = "; the work was abandoned" if call.status == "abandoned" else ""
+        suffix = "; the work was abandoned" if call.status is RequestState.abandoned else ""
         return DeadlineExceeded(
             f"request to {call.spec.id!r} {what} within "
             f"{call.spec.scaling.request_timeout_s:g}s{suffix}",
@@ -359,15 +389,15 @@ class Gateway:
         try:
             while True:
                 if item is _END:
-                    call.status = "succeeded"
+                    call.status = RequestState.succeeded
                     break
                 if item is _TIMEOUT:
-                    call.status = "abandoned"
+                    call.status = RequestState.abandoned
                     pump.abandon()
                     yield _sse_error(self._deadline(call, "did not finish"))
                     break
                 if isinstance(item, Exception):
-                    call.status = "failed"
+                    call.status = RequestState.failed
                     log.warning("request %s: stream from %s broke: %s", call.request_id,
                                 pump.lease.replica.id, item)
                     self.owner.spawn(pump.queue.pool.check_replica(pump.lease.replica), "check")
@@ -386,12 +416,11 @@ class Gateway:
                 item = await pump.next(deadline)
             yield b"data: [DONE]\n\n"
         finally:
-            if call.status == "pending":
-                call.status = "disconnected"  # the client went away: stop the worker too
-            if call.status != "abandoned":
+            if call.status is RequestState.pending:
+                call.status = RequestState.disconnected  # the client left: stop the worker too
+            if call.status is not RequestState.abandoned:
                 pump.cancel()
-                call.run_s = pump.queue.clock() - pump.started
-                call.finish()
+            call.run_s = pump.queue.clock() - pump.started
 
     def _chunk(self, call: Call, data: bytes) -> bytes | None:
         try:
@@ -464,11 +493,7 @@ class _Pump:
             self.items.put_nowait(exc)
         finally:
             self.stream.close()
-            self.call.run_s = self.queue.clock() - self.started
             self.queue.release(self.lease)
-            self.call.work_running = False
-            if self.abandoned:
-                self.call.finish()
 
     async def next(self, deadline: float) -> object:
         try:

@@ -1,15 +1,20 @@
 """Durable async jobs (image generation): accepted, queued, run once, kept.
 
-    submit:  validate (400) → hold the worst case (403) → write inputs → row
-             ``queued`` (committed before the client hears of it) → runner
-    run:     fair queue for a slot (scale from zero, swapping) → row
+    submit:  validate (400) → rate limits (429) and the worst case against the
+             balance (403) → write inputs → row ``queued`` with this
+             gateway's lease (committed before the client hears of it) → runner
+    run:     ``Gateway.handle`` (the one request path): hold the worst case →
+             fair queue for a slot (scale from zero, swapping) → row
              ``running`` → POST to the worker → write PNGs → row
-             ``succeeded`` → settle per image → webhook
-    restart: ``queued`` rows run again; ``running`` rows were cut short by
-             the stop and are queued again until ``max_attempts`` runs, then
-             ``failed`` with the reason
+             ``succeeded`` → settled per image in handle's cleanup → webhook
+    leases:  the gateway running a job renews its lease; a job whose lease
+             expired (its gateway died, or its owner process is gone) is
+             claimed by another gateway: ``queued`` rows run again,
+             ``running`` rows were cut short and are queued again until
+             ``max_attempts`` runs, then ``failed`` with the reason
 
-Every status change is a conditional UPDATE on the status it expects, so a
+Every status change is a conditional UPDATE on the status it expects, and a
+claim is a conditional UPDATE on the lease, so one gateway runs each job; a
 job cancelled while queued is never started, and a job is never finished
 twice; its usage record's key is the job id, so it is never charged twice.
 """
@@ -18,12 +23,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import logging
 import os
 import secrets
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,32 +40,27 @@ from typing import Any
 
 import aiohttp
 import orjson
-from sqlalchemy import select, update
+from sqlalchemy import and_, or_, select, update
 
+from modelfleet.admission import Ask, refuse_credit
 from modelfleet.catalog import Catalog, ModelSpec
 from modelfleet.db import Database
-from modelfleet.engines.http import WorkerBroke, WorkerClient, WorkerUnreachable
-from modelfleet.errors import (
-    Conflict,
-    DeadlineExceeded,
-    ModelfleetError,
-    ModelUnavailable,
-    NotFound,
-)
+from modelfleet.engines.http import WorkerClient
+from modelfleet.errors import Conflict, ModelfleetError, NotFound
+from modelfleet.gateway import Call, Gateway
 from modelfleet.ids import new_id
 from modelfleet.keys import Principal
-from modelfleet.ledger import Hold, Ledger
+from modelfleet.ledger import Ledger
 from modelfleet.metering import Metering
-from modelfleet.metrics import Metrics
 from modelfleet.openai.images import ImageJob
-from modelfleet.scheduler import Claim, Scheduler
+from modelfleet.scheduler import Lease
 from modelfleet.settings import JobSettings
+from modelfleet.states import TERMINAL, JobState, RequestState
 from modelfleet.tables import Job
 from modelfleet.tasks import TaskOwner
 
 log = logging.getLogger(__name__)
 
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 WORKER_PATH = "/v1/images/generate"
 SIGNATURE_HEADER = "X-Modelfleet-Signature"
 
@@ -72,7 +74,30 @@ def _ts(value: datetime | None) -> int | None:
 
 
 class _Cancelled(Exception):
-    """The job was cancelled between winning a slot and starting."""
+    """The job was cancelled (or taken by another gateway) between winning a
+    slot and starting."""
+
+
+def owner_id() -> str:
+    """This gateway process, as written in the leases it holds: host, pid, nonce."""
+    return f"{socket.gethostname()[:40]}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+def _owner_gone(owner: str | None) -> bool:
+    """True when ``owner`` is a process of this host that no longer runs."""
+    if not owner:
+        return True
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname()[:40] or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 class JobFailed(Exception):
@@ -146,18 +171,18 @@ def verify_signature(secret: str, body: bytes, header: str, tolerance_s: float =
 
 
 class JobService:
-    def __init__(self, *, db: Database, catalog: Catalog, scheduler: Scheduler,
-                 client: WorkerClient, metering: Metering, ledger: Ledger, metrics: Metrics,
+    def __init__(self, *, db: Database, catalog: Catalog, gateway: Gateway,
+                 client: WorkerClient, metering: Metering, ledger: Ledger,
                  settings: JobSettings, results_dir: Path, signer: Signer,
-                 clock: Callable[[], datetime] = _now) -> None:
+                 clock: Callable[[], datetime] = _now, owner: str | None = None) -> None:
         self.db = db
         self.catalog = catalog
-        self.scheduler = scheduler
+        self.gateway = gateway
         self.client = client
         self.metering = metering
         self.ledger = ledger
-        self.metrics = metrics
         self.settings = settings
+        self.me = owner or owner_id()
         self.results_dir = results_dir
         self.signer = signer
         self.clock = clock
@@ -179,15 +204,20 @@ class JobService:
 
     async def submit(self, principal: Principal, spec: ModelSpec, job: ImageJob,
                      base_url: str) -> tuple[Job, dict[str, str]]:
-        """Accept a job: hold its worst-case cost, keep its inputs, commit its row."""
+        """Accept a job: check its limits and its worst case against the balance,
+        keep its inputs, commit its row; its runner holds the money when it runs."""
         headers: dict[str, str] = {}
-        hold: Hold | None = None
         if self.metering.enabled:
             plan = self.metering.projects.plan_of(principal.project_id)
-            admission = self.metering.limiter.admit(plan, principal.key_id, principal.project_id, 0)
-            self.metering.limiter.release(admission, 0)  # a job counts per request, not while queued
-            headers = admission.headers
-            hold = self.ledger.hold(principal.project_id, spec.prices.per_image * job.images)
+            # a job counts one request now; it does not hold a concurrency slot while queued
+            grant = await self.metering.take(
+                Ask(new_id(), plan, principal.key_id, principal.project_id))
+            await self.metering.store.settle(grant, used_tokens=0, cost=0)
+            headers = grant.headers
+            worst = spec.prices.per_image * job.images
+            balance, held = await self.metering.store.balance(principal.project_id)
+            if worst > balance - held:
+                raise refuse_credit(worst, balance - held)
         job_id = new_id()
         try:
             inputs = self._inputs_dir(job_id)
@@ -195,23 +225,25 @@ class JobService:
                 await asyncio.to_thread(_write_files, inputs, job.inputs)
             now = self.clock()
             row = Job(id=job_id, project_id=principal.project_id, key_id=principal.key_id,
-                      model_id=spec.id, job_type="image", status="queued",
+                      model_id=spec.id, job_type="image", status=JobState.queued.value,
                       params=_Stored(job.params, base_url).dumps(), input_images=len(job.inputs),
                       images=0, attempts=0, cost=0, webhook_url=job.webhook_url,
-                      webhook_state="none", webhook_attempts=0, created_at=now)
+                      webhook_state="none", webhook_attempts=0, created_at=now,
+                      lease_owner=self.me, lease_expires_at=self._lease_end())
             async with self.db.session() as session, session.begin():
                 session.add(row)
         except BaseException:
-            if hold is not None:
-                self.ledger.release(hold)
             shutil.rmtree(self._inputs_dir(job_id), ignore_errors=True)
             raise
-        self._start(job_id, hold)
+        self._start(job_id)
         return row, headers
 
-    def _start(self, job_id: str, hold: Hold | None) -> None:
+    def _lease_end(self) -> datetime:
+        return self.clock() + timedelta(seconds=self.settings.lease_s)
+
+    def _start(self, job_id: str) -> None:
         self._done.setdefault(job_id, asyncio.Event())
-        self._tasks[job_id] = self.owner.spawn(self._run(job_id, hold), job_id)
+        self._tasks[job_id] = self.owner.spawn(self._run(job_id), job_id)
 
     async def get(self, principal: Principal, job_id: str) -> Job:
         """The job, to a key of its project; 404 to anyone else (ids are not probed)."""
@@ -231,12 +263,13 @@ class JobService:
 
     async def cancel(self, principal: Principal, job_id: str) -> Job:
         row = await self.get(principal, job_id)
-        if row.status == "cancelled":
+        if row.status == JobState.cancelled:
             return row
-        if row.status != "queued":
+        if row.status != JobState.queued:
             raise Conflict(f"job {job_id!r} is {row.status}; only a queued job can be cancelled",
                            code="job_not_cancellable")
-        if not await self._move(job_id, "queued", status="cancelled", finished_at=self.clock(),
+        if not await self._move(job_id, JobState.queued, status=JobState.cancelled.value,
+                                finished_at=self.clock(),
                                 error_code="cancelled", error_message="cancelled by the client",
                                 webhook_state="pending" if row.webhook_url else "none"):
             return await self.cancel(principal, job_id)  # it moved meanwhile: say what it is now
@@ -244,8 +277,10 @@ class JobService:
         task = self._tasks.get(job_id)
         if task is not None and not task.done():
             task.cancel()  # the runner settles it and sends the webhook
-        else:
+        elif row.lease_owner is None or row.lease_owner == self.me:
             await self._finish_side_effects(job_id)
+            self.owner.spawn(self._deliver(job_id), f"webhook:{job_id}")
+        # else: the gateway holding its lease stops it and sends the webhook
         return await self.get(principal, job_id)
 
     async def wait(self, job_id: str, timeout: float) -> bool:
@@ -253,14 +288,24 @@ class JobService:
         event = self._done.setdefault(job_id, asyncio.Event())
         try:
             async with asyncio.timeout(timeout):
-                await event.wait()
+                while not event.is_set():
+                    # another gateway may run it (after a takeover): look at the row too
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(0.5):
+                            await event.wait()
+                    if not event.is_set() and await self._status(job_id) in TERMINAL:
+                        return True
         except TimeoutError:
             return False
         return True
 
+    async def _status(self, job_id: str) -> str | None:
+        async with self.db.session() as session:
+            return await session.scalar(select(Job.status).where(Job.id == job_id))
+
     async def read_result(self, principal: Principal, job_id: str, index: int) -> bytes:
         row = await self.get(principal, job_id)
-        if row.status != "succeeded":
+        if row.status != JobState.succeeded:
             raise Conflict(f"job {job_id!r} is {row.status}; it has no result",
                            code="result_not_ready")
         if row.expires_at is not None and row.expires_at <= self.clock():
@@ -283,117 +328,119 @@ class JobService:
                 update(Job).where(Job.id == job_id, Job.status == expected).values(**values))
         return bool(getattr(result, "rowcount", 0) == 1)
 
-    async def _run(self, job_id: str, hold: Hold | None) -> None:
+    async def _run(self, job_id: str) -> None:
+        """Run one job in this task, which owns it: its lease is renewed beside it."""
         async with self.db.session() as session:
             row = await session.get(Job, job_id)
-        if row is None or row.status != "queued":
+        if row is None or row.lease_owner != self.me:
             return
-        stored = _Stored.loads(row.params)
+        renewer = self.owner.spawn(self._renew(job_id, asyncio.current_task()), f"lease:{job_id}")
+        try:
+            if row.status == JobState.queued:
+                await self._execute(row)
+            await self._finish_side_effects(job_id)
+            await self._deliver(job_id)
+        finally:
+            renewer.cancel()
+        await self._release_lease(job_id)
+
+    async def _execute(self, row: Job) -> None:
         spec = self.catalog.resolve(row.model_id)
-        status, images, wait_s, run_s = "failed", 0, 0.0, 0.0
+        hook = "pending" if row.webhook_url else "none"
         try:
             if spec is None:
                 raise JobFailed("model_not_found", f"model {row.model_id!r} is no longer served")
-            images, wait_s, run_s = await self._generate(row, spec, stored)
-            status = "succeeded"
+            await self._generate(row, spec)
         except asyncio.CancelledError:
-            if job_id not in self._user_cancelled:  # the server is stopping: runs after restart
-                if hold is not None:
-                    self.ledger.release(hold)
+            if row.id not in self._user_cancelled:  # the server is stopping: runs after restart
                 raise
-            status = "cancelled"
         except _Cancelled:
-            status = "cancelled"
+            pass
         except JobFailed as exc:
-            await self._move(job_id, "running", status="failed", finished_at=self.clock(),
-                             error_code=exc.code, error_message=exc.message,
-                             webhook_state="pending" if row.webhook_url else "none") or \
-                await self._move(job_id, "queued", status="failed", finished_at=self.clock(),
-                                 error_code=exc.code, error_message=exc.message,
-                                 webhook_state="pending" if row.webhook_url else "none")
-        self._settle(row, spec, hold, status, images, wait_s, run_s)
-        await self._finish_side_effects(job_id)
+            for expected in (JobState.running, JobState.queued):
+                if await self._move(row.id, expected, status=JobState.failed.value,
+                                    finished_at=self.clock(), error_code=exc.code,
+                                    error_message=exc.message, webhook_state=hook):
+                    break
 
-    async def _generate(self, row: Job, spec: ModelSpec,
-                        stored: _Stored) -> tuple[int, float, float]:
-        queue = self.scheduler.queue(spec.id)
-        plan = self.metering.projects.plan_of(row.project_id)
-        claim = Claim(project=row.project_id, weight=plan.weight, priority=plan.priority,
-                      cap=plan.project_concurrency)
-        payload = dict(stored.params)
+    def _call(self, row: Job, spec: ModelSpec, payload: dict[str, Any]) -> Call:
+        call = Call(request_id=row.id, route_model=row.model_id, spec=spec, principal=Principal(
+            key_id=row.key_id, project_id=row.project_id, project_name="", scopes=frozenset(),
+            expires_at=None), path=WORKER_PATH, payload=payload,
+            claim=self.metering.claim_for(row.project_id),
+            queue_timeout_s=self.settings.queue_timeout_s)
+        if self.metering.enabled:
+            n = int(payload.get("n", 1))
+            ask = Ask(row.id, self.metering.projects.plan_of(row.project_id), row.key_id,
+                      row.project_id, amount=spec.prices.per_image * n, counted=False,
+                      ttl_s=self.settings.queue_timeout_s + spec.scaling.request_timeout_s)
+            call.admit = lambda: self.metering.admit(ask, spec, per_image=spec.prices.per_image)
+        return call
+
+    async def _generate(self, row: Job, spec: ModelSpec) -> None:
+        payload = dict(_Stored.loads(row.params).params)
         if row.input_images:
-            inputs = self._inputs_dir(row.id)
             payload["input_images_base64"] = [
                 base64.b64encode(data).decode() for data in await asyncio.to_thread(
-                    _read_files, inputs, row.input_images)]
-        enqueued = queue.clock()
-        deadline = enqueued + self.settings.queue_timeout_s
-        for attempt in range(3):
-            try:
-                lease = await queue.acquire(deadline, enqueued, claim)
-            except ModelUnavailable as exc:
-                raise JobFailed("model_unavailable", exc.message) from None
-            except DeadlineExceeded:
-                raise JobFailed("queue_timeout", f"no replica of {spec.id!r} was free within "
-                                f"{self.settings.queue_timeout_s:g}s") from None
-            started = queue.clock()
-            try:
-                if not await self._move(row.id, "queued", status="running", started_at=self.clock(),
-                                        attempts=row.attempts + 1, deployment_id=lease.replica.id):
-                    raise _Cancelled  # cancelled between the queue and here
-                try:
-                    async with asyncio.timeout(spec.scaling.request_timeout_s):
-                        reply = await self.client.post(lease.replica.base_url + WORKER_PATH,
-                                                       payload, lease.replica.headers)
-                except TimeoutError:
-                    raise JobFailed("request_timeout", f"the worker did not finish within "
-                                    f"{spec.scaling.request_timeout_s:g}s") from None
-                except WorkerUnreachable as exc:
-                    await queue.pool.check_replica(lease.replica)
-                    if attempt == 2:
-                        raise JobFailed("model_unavailable", f"no replica answered: {exc}") from None
-                    await self._move(row.id, "running", status="queued")
-                    continue
-                except WorkerBroke as exc:
-                    await queue.pool.check_replica(lease.replica)
-                    raise JobFailed("worker_failed", f"the worker failed: {exc}") from None
-            finally:
-                queue.release(lease)
-            run_s = queue.clock() - started
-            if reply.status != 200:
-                err = reply.body.get("error")
-                message = err.get("message") if isinstance(err, dict) else None
-                code = "invalid_request" if reply.status == 400 else "worker_failed"
-                raise JobFailed(code, f"the worker answered {reply.status}: {message or reply.body}")
-            pngs = [base64.b64decode(b) for b in reply.body.get("images") or []]
-            if not pngs:
-                raise JobFailed("worker_failed", "the worker returned no images")
-            await asyncio.to_thread(_write_files, self.results_dir / row.id, pngs)
-            now = self.clock()
-            expires = now + timedelta(seconds=self.settings.retention_s)
-            cost = spec.prices.per_image * len(pngs) if self.metering.enabled else 0
-            if not await self._move(row.id, "running", status="succeeded", finished_at=now,
-                                    images=len(pngs), expires_at=expires, cost=cost,
-                                    webhook_state="pending" if row.webhook_url else "none"):
-                raise JobFailed("conflict", "the job changed state while it ran")
-            return len(pngs), started - enqueued, run_s
-        raise AssertionError("unreachable")  # pragma: no cover
+                    _read_files, self._inputs_dir(row.id), row.input_images)]
+        call = self._call(row, spec, payload)
+        started = False
 
-    def _settle(self, row: Job, spec: ModelSpec | None, hold: Hold | None, status: str,
-                images: int, wait_s: float, run_s: float) -> None:
-        model = spec.id if spec else row.model_id
-        self.metrics.request_finished(model, row.project_id, status, wait_s, run_s, 0, 0)
-        if spec is not None and status == "succeeded":
-            self.scheduler.queue(spec.id).stats.record(wait_s, run_s)
-        if hold is None:
-            return
-        cost = (spec.prices.per_image * images) if spec and status == "succeeded" else 0
-        self.ledger.settle(hold, cost, {
-            "request_id": row.id, "project_id": row.project_id, "key_id": row.key_id,
-            "model_id": model, "status": status, "input_tokens": 0, "output_tokens": 0,
-            "images": images, "wait_ms": round(wait_s * 1000), "run_ms": round(run_s * 1000),
-            "total_ms": round((wait_s + run_s) * 1000), "created_at": self.clock(),
-        })
+        async def starting(lease: Lease) -> None:
+            nonlocal started
+            if started:  # a retry on another replica: the row is running already
+                await self._move(row.id, JobState.running, deployment_id=lease.replica.id)
+                return
+            if not await self._move(row.id, JobState.queued, status=JobState.running.value,
+                                    started_at=self.clock(), attempts=row.attempts + 1,
+                                    deployment_id=lease.replica.id):
+                call.status = RequestState.cancelled
+                raise _Cancelled  # cancelled (or claimed elsewhere) between the queue and here
+            started = True
+
+        try:
+            async with self.gateway.handle(call, starting) as answer:
+                body = answer.body or {}
+                pngs = [base64.b64decode(b) for b in body.get("images") or []]
+                if not pngs:
+                    call.status = RequestState.failed
+                    raise JobFailed("worker_failed", "the worker returned no images")
+                await asyncio.to_thread(_write_files, self.results_dir / row.id, pngs)
+                now = self.clock()
+                cost = spec.prices.per_image * len(pngs) if self.metering.enabled else 0
+                if not await self._move(row.id, JobState.running, status=JobState.succeeded.value,
+                                        finished_at=now, images=len(pngs), cost=cost,
+                                        expires_at=now + timedelta(seconds=self.settings.retention_s),
+                                        webhook_state="pending" if row.webhook_url else "none"):
+                    call.status = RequestState.failed
+                    raise JobFailed("conflict", "the job changed state while it ran")
+                call.images = len(pngs)
+        except ModelfleetError as exc:
+            raise JobFailed(_failure_code(exc), exc.message) from None
+
+    async def _renew(self, job_id: str, runner: asyncio.Task[Any] | None) -> None:
+        """Keep this gateway's lease on the job; stop the runner if the lease was
+        lost or the job was cancelled through another gateway."""
+        while True:
+            await asyncio.sleep(self.settings.lease_s / 3)
+            async with self.db.session() as session, session.begin():
+                result = await session.execute(
+                    update(Job).where(Job.id == job_id, Job.lease_owner == self.me)
+                    .values(lease_expires_at=self._lease_end()))
+                status = await session.scalar(select(Job.status).where(Job.id == job_id))
+            lost = getattr(result, "rowcount", 0) != 1
+            if (lost or status == JobState.cancelled) and runner is not None:
+                if status == JobState.cancelled:
+                    self._user_cancelled.add(job_id)
+                log.warning("job %s: %s; stopping its run here", job_id,
+                            "lease lost" if lost else "cancelled elsewhere")
+                runner.cancel()
+                return
+
+    async def _release_lease(self, job_id: str) -> None:
+        async with self.db.session() as session, session.begin():
+            await session.execute(update(Job).where(Job.id == job_id, Job.lease_owner == self.me)
+                                  .values(lease_owner=None, lease_expires_at=None))
 
     async def _finish_side_effects(self, job_id: str) -> None:
         """Once a job has ended: inputs deleted, waiters woken, webhook sent (once)."""
@@ -405,7 +452,6 @@ class JobService:
         self._user_cancelled.discard(job_id)
         shutil.rmtree(self._inputs_dir(job_id), ignore_errors=True)
         self._done.setdefault(job_id, asyncio.Event()).set()
-        self.owner.spawn(self._deliver(job_id), f"webhook:{job_id}")
 
     def _forget(self, job_id: str) -> None:
         self._finished.discard(job_id)
@@ -459,57 +505,76 @@ class JobService:
     # -- start, stop, retention ---------------------------------------------------
 
     async def recover(self) -> dict[str, int]:
-        """After a start: run what was accepted and not finished; resend webhooks."""
-        counts = {"requeued": 0, "failed": 0, "resumed": 0, "webhooks": 0}
-        async with self.db.session() as session:
-            rows = list((await session.execute(
-                select(Job).where(Job.status.in_(("queued", "running")))
-                .order_by(Job.created_at))).scalars())
-            hooks = list((await session.execute(
-                select(Job.id).where(Job.webhook_state == "pending",
-                                     Job.status.in_(TERMINAL)))).scalars())
-        for row in rows:
-            if row.status == "running":
-                if row.attempts >= self.settings.max_attempts:
-                    await self._move(row.id, "running", status="failed", finished_at=self.clock(),
-                                     error_code="interrupted",
-                                     error_message=f"the server stopped while this job ran, "
-                                     f"{row.attempts} times; not retried again",
-                                     webhook_state="pending" if row.webhook_url else "none")
-                    counts["failed"] += 1
-                    hooks.append(row.id)
-                    continue
-                await self._move(row.id, "running", status="queued")
-                counts["requeued"] += 1
-            spec = self.catalog.resolve(row.model_id)
-            hold = None
-            if self.metering.enabled and spec is not None:
-                try:
-                    hold = self.ledger.hold(row.project_id, spec.prices.per_image *
-                                            int(_Stored.loads(row.params).params.get("n", 1)))
-                except ModelfleetError as exc:
-                    await self._move(row.id, "queued", status="failed", finished_at=self.clock(),
-                                     error_code=exc.code, error_message=exc.message,
-                                     webhook_state="pending" if row.webhook_url else "none")
-                    hooks.append(row.id)
-                    counts["failed"] += 1
-                    continue
-            counts["resumed"] += 1
-            self._start(row.id, hold)
-        for job_id in hooks:
-            counts["webhooks"] += 1
-            self.owner.spawn(self._deliver(job_id), f"webhook:{job_id}")
-        if any(counts.values()):
-            log.info("jobs after restart: %s", counts)
+        """At start, and then every ``claim_interval_s``: take the jobs whose
+        lease has expired or whose owner process is gone, and run them here."""
+        counts = await self.claim()
+        self.owner.spawn(self._claim_forever(), "claimer")
         self.owner.spawn(self._sweep_forever(), "sweeper")
         return counts
+
+    async def claim(self) -> dict[str, int]:
+        counts = {"requeued": 0, "failed": 0, "resumed": 0, "webhooks": 0}
+        now = self.clock()
+        unfinished = or_(Job.status.in_((JobState.queued.value, JobState.running.value)),
+                         and_(Job.status.in_([t.value for t in TERMINAL]),
+                              Job.webhook_state == "pending"))
+        async with self.db.session() as session:
+            rows = list((await session.execute(
+                select(Job).where(unfinished, or_(Job.lease_owner.is_(None),
+                                                  Job.lease_owner != self.me))
+                .order_by(Job.created_at).limit(500))).scalars())
+        for row in rows:
+            expired = row.lease_expires_at is None or row.lease_expires_at <= now
+            if not (expired or _owner_gone(row.lease_owner)) or not await self._take(row):
+                continue
+            if row.status == JobState.running:
+                if not await self._requeue(row):
+                    counts["failed"] += 1
+                    self._start(row.id)  # delivers its webhook
+                    continue
+                counts["requeued"] += 1
+            counts["webhooks" if row.status in TERMINAL else "resumed"] += 1
+            self._start(row.id)
+        if any(counts.values()):
+            log.info("jobs claimed by %s: %s", self.me, counts)
+        return counts
+
+    async def _take(self, row: Job) -> bool:
+        """Claim the job's lease from its previous holder (one claimer wins)."""
+        async with self.db.session() as session, session.begin():
+            cond = Job.lease_owner.is_(None) if row.lease_owner is None \
+                else Job.lease_owner == row.lease_owner
+            result = await session.execute(update(Job).where(Job.id == row.id, cond).values(
+                lease_owner=self.me, lease_expires_at=self._lease_end()))
+        return bool(getattr(result, "rowcount", 0) == 1)
+
+    async def _requeue(self, row: Job) -> bool:
+        """A run cut short (its gateway stopped or died): queue it again, or fail it
+        after ``max_attempts`` runs.  False when it failed."""
+        if row.attempts >= self.settings.max_attempts:
+            await self._move(row.id, JobState.running, status=JobState.failed.value,
+                             finished_at=self.clock(), error_code="interrupted",
+                             error_message=f"the server stopped while this job ran, "
+                             f"{row.attempts} times; not retried again",
+                             webhook_state="pending" if row.webhook_url else "none")
+            return False
+        await self._move(row.id, JobState.running, status=JobState.queued.value)
+        return True
+
+    async def _claim_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.claim_interval_s)
+            try:
+                await self.claim()
+            except Exception:
+                log.exception("could not claim jobs")
 
     async def sweep(self) -> int:
         """Delete the files of results past their retention; returns how many jobs."""
         now = self.clock()
         async with self.db.session() as session:
             expired = list((await session.execute(
-                select(Job.id).where(Job.status == "succeeded", Job.images > 0,
+                select(Job.id).where(Job.status == JobState.succeeded.value, Job.images > 0,
                                      Job.expires_at <= now))).scalars())
         for job_id in expired:
             await asyncio.to_thread(shutil.rmtree, self.results_dir / job_id, True)
@@ -527,7 +592,15 @@ class JobService:
             await asyncio.sleep(self.settings.sweep_interval_s)
 
     async def close(self) -> None:
+        """Stop running jobs here; their leases end now, so another gateway (or
+        this one after a restart) takes them at once."""
         await self.owner.close()
+        try:
+            async with self.db.session() as session, session.begin():
+                await session.execute(update(Job).where(Job.lease_owner == self.me)
+                                      .values(lease_expires_at=self.clock()))
+        except Exception:
+            log.exception("could not give back the leases of unfinished jobs")
 
 
 def _write_files(folder: Path, blobs: list[bytes]) -> None:
@@ -592,3 +665,15 @@ def _ms(start: datetime | None, end: datetime | None) -> int | None:
         return None
     return max(0, round((end - start).total_seconds() * 1000))
 
+
+
+def _failure_code(exc: ModelfleetError) -> str:
+    """A job's error code for an error of the request path."""
+    if exc.code in ("queue_timeout", "request_timeout", "insufficient_credits",
+                    "billing_unavailable", "limits_unavailable", "worker_failed"):
+        return exc.code
+    if exc.status == 400:
+        return "invalid_request"
+    if exc.status == 503:
+        return "model_unavailable"
+    return "worker_failed"

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 
 from modelfleet.db import Database, bump_version
 from modelfleet.errors import AuthenticationError, InvalidRequest, NotFound
@@ -134,14 +135,23 @@ class KeyService:
             raise InvalidRequest(
                 "project names are 1-100 letters, digits, '.', '_' or '-'", param="project"
             )
-        async with self._db.session() as session, session.begin():
-            found = await session.scalar(select(Project).where(Project.name == name))
-            if found is not None:
-                return found.id, False
-            project = Project(id=new_id(), name=name, created_at=_now(), plan="default")
-            session.add(project)
-            await bump_version(session)
-            return project.id, True
+        try:
+            async with self._db.session() as session, session.begin():
+                found = await session.scalar(select(Project).where(Project.name == name))
+                if found is not None:
+                    return found.id, False
+                project = Project(id=new_id(), name=name, created_at=_now(), plan="default")
+                session.add(project)
+                await bump_version(session)
+                return project.id, True
+        except IntegrityError:
+            # Another process made it between our look and our insert (two
+            # gateways starting on one empty database): theirs is the one.
+            async with self._db.session() as session:
+                existing = await session.scalar(select(Project.id).where(Project.name == name))
+            if existing is None:
+                raise
+            return existing, False
 
     async def list_projects(self) -> list[tuple[str, str, datetime]]:
         async with self._db.session() as session:

@@ -1,17 +1,18 @@
-"""Money: balances, holds, settlement, and the append-only ledger.
+"""Money: the append-only ledger and its group-commit writer.
 
 All amounts are integer micro-units.  A project's *balance* is the sum of its
-ledger entries.  Before a request runs, its worst-case cost is *held*; a hold
-is granted only if ``balance - held >= amount``, and everything happens in one
-event-loop step, so concurrent requests can never overdraw.  When the request
-ends, the hold becomes the actual cost (never more than the hold), which is
-a *pending* debit until the writer has committed the usage record and its
-ledger entry; then it leaves ``held`` and enters ``balance`` in the same step.
+ledger entries.  Balances and holds live in the admission store
+(``modelfleet.admission``): in this process by default, in Redis when several
+gateways share them.  A request's worst-case cost is held there before it
+runs; when it ends, the hold shrinks to the actual cost, which stays
+*pending* until the writer has committed the usage record and its ledger
+entry; then ``apply`` moves it from held into the balance.
 
 One writer task commits usage rows and usage debits in batches (one
 transaction per batch).  If it cannot write, admission fails closed (503)
-until it can.  Entries written by other processes (the CLI topping up) are
-picked up by ``catch_up`` whenever the store's version changes.
+until it can.  Entries written by other processes (the CLI topping up,
+another gateway) are picked up by ``catch_up`` whenever the store's version
+changes.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, insert, select, text
 
-from modelfleet.db import Database, bump_version
-from modelfleet.errors import InsufficientCredits, InvalidRequest, NotFound, ServiceUnavailable
+from modelfleet.admission import AdmissionStore, MemoryAdmission, Posted
+from modelfleet.db import Database, bump_version, lock_ledger_order
+from modelfleet.errors import InvalidRequest, NotFound, ServiceUnavailable
 from modelfleet.ids import new_id
 from modelfleet.tables import LedgerEntry, Project, UsageRecord
 
@@ -46,34 +48,33 @@ def _now() -> datetime:
 
 
 @dataclass
-class Hold:
-    project_id: str
-    amount: int
-    settled: bool = False
-
-
-@dataclass
 class _Settlement:
     usage: dict[str, Any]
     cost: int
     entry: dict[str, Any] | None = field(default=None)
 
 
+# A shared store applies each entry once, so catch-up reads this far back to
+# cover entries committed out of sequence order by concurrent transactions.
+CATCH_UP_MARGIN = 2000
+
+
 class Ledger:
-    def __init__(self, db: Database, *, batch: int = 512, interval_s: float = 0.2,
-                 retry_s: float = 1.0, clock: Callable[[], datetime] = _now) -> None:
+    def __init__(self, db: Database, store: AdmissionStore | None = None, *, batch: int = 512,
+                 interval_s: float = 0.2, retry_s: float = 1.0,
+                 clock: Callable[[], datetime] = _now) -> None:
         self._db = db
+        self.store: AdmissionStore = store if store is not None else MemoryAdmission()
         self._batch = batch
         self._interval = interval_s
         self._retry_s = retry_s
         self._clock = clock
-        self._balance: dict[str, int] = {}
-        self._held: dict[str, int] = {}
         self._watermark = 0
         self._version = -1
         self._own: set[str] = set()
         self._lock = asyncio.Lock()
         self._pending: list[_Settlement] = []
+        self._unapplied: list[Posted] = []  # committed, not yet in the store (it was down)
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -82,91 +83,95 @@ class Ledger:
     # -- state ---------------------------------------------------------------------
 
     async def load(self, version: int) -> None:
+        since = self._clock() - timedelta(minutes=10)
         async with self._lock, self._db.session() as session:
             rows = (await session.execute(
                 select(LedgerEntry.project_id, func.sum(LedgerEntry.amount)).group_by(
                     LedgerEntry.project_id)
             )).all()
             top = await session.scalar(select(func.max(LedgerEntry.seq)))
-        self._balance = {pid: int(total) for pid, total in rows}
+            recent = list((await session.scalars(
+                select(LedgerEntry.id).where(LedgerEntry.created_at >= since))).all())
+        await self.store.load({pid: int(total) for pid, total in rows}, recent)
         self._watermark = int(top or 0)
         self._version = version
 
+    async def reload(self) -> None:
+        """Load balances into a store that lost them (Redis restarted empty)."""
+        await self.load(self._version)
+
+    async def committed(self, request_ids: list[str]) -> dict[str, Posted]:
+        """The usage debits committed for these requests, by request id."""
+        out: dict[str, Posted] = {}
+        for start in range(0, len(request_ids), 500):
+            async with self._db.session() as session:
+                rows = (await session.execute(
+                    select(LedgerEntry.id, LedgerEntry.project_id, LedgerEntry.amount,
+                           LedgerEntry.request_id)
+                    .where(LedgerEntry.request_id.in_(request_ids[start:start + 500])))).all()
+            for entry_id, project_id, amount, request_id in rows:
+                out[str(request_id)] = Posted(entry_id, project_id, int(amount), request_id)
+        return out
+
+    async def sweep_orphans(self) -> int:
+        """Resolve holds left by gateways that died (shared stores only)."""
+        sweep = getattr(self.store, "sweep", None)
+        if sweep is None:
+            return 0
+        return int(await sweep(self.committed))
+
     async def catch_up(self, version: int) -> None:
         """Apply entries other processes appended since we last looked."""
+        shared = self.store.dedupes
         async with self._lock:
+            after = self._watermark - CATCH_UP_MARGIN if shared else self._watermark
             async with self._db.session() as session:
                 rows = (await session.execute(
                     select(LedgerEntry.seq, LedgerEntry.id, LedgerEntry.project_id,
-                           LedgerEntry.amount).where(LedgerEntry.seq > self._watermark)
-                    .order_by(LedgerEntry.seq)
+                           LedgerEntry.amount, LedgerEntry.request_id)
+                    .where(LedgerEntry.seq > after).order_by(LedgerEntry.seq)
                 )).all()
-            for seq, entry_id, project_id, amount in rows:
-                if entry_id in self._own:
+            posted = []
+            for seq, entry_id, project_id, amount, request_id in rows:
+                if not shared and entry_id in self._own:
                     self._own.discard(entry_id)
                 else:
-                    self._balance[project_id] = self._balance.get(project_id, 0) + int(amount)
+                    posted.append(Posted(entry_id, project_id, int(amount), request_id))
                 self._watermark = max(self._watermark, int(seq))
+            await self.store.apply(posted)
             self._version = version
 
-    def balance(self, project_id: str) -> int:
-        return self._balance.get(project_id, 0)
+    async def balance(self, project_id: str) -> tuple[int, int]:
+        """(balance, held) in micro-units."""
+        return await self.store.balance(project_id)
 
-    def held(self, project_id: str) -> int:
-        return self._held.get(project_id, 0)
-
-    def available(self, project_id: str) -> int:
-        return self.balance(project_id) - self.held(project_id)
+    async def money(self, project_id: str) -> dict[str, int]:
+        """A project's balance, held and available, as the API shows them."""
+        balance, held = await self.store.balance(project_id)
+        return {"balance": balance, "held": held, "available": balance - held}
 
     # -- the request path ----------------------------------------------------------
 
-    def hold(self, project_id: str, amount: int) -> Hold:
+    def check_writable(self) -> None:
         if self.failing is not None:
             raise ServiceUnavailable(
                 "billing is unavailable (the ledger cannot be written); not serving",
                 code="billing_unavailable",
             )
-        if amount > 0:
-            available = self.available(project_id)
-            if amount > available:
-                raise InsufficientCredits(
-                    f"insufficient credits: this request may cost up to {amount} micro-units "
-                    f"and the project has {max(0, available)} available"
-                )
-            self._held[project_id] = self.held(project_id) + amount
-        return Hold(project_id, amount)
 
-    def release(self, hold: Hold) -> None:
-        """Give a hold back without a usage record (work accepted but never run
-        in this process, such as a job that runs again after a restart)."""
-        if hold.settled:
-            return
-        hold.settled = True
-        self._held[hold.project_id] = self.held(hold.project_id) - hold.amount
-
-    def settle(self, hold: Hold, cost: int, usage: dict[str, Any]) -> int:
-        """Turn the hold into the actual cost (capped at the hold); queue the rows.
-        Returns the cost charged."""
-        if hold.settled:
-            return 0
-        hold.settled = True
-        if cost > hold.amount:
-            log.error("request %s cost %d above its hold %d; charging the hold",
-                      usage["request_id"], cost, hold.amount)
-            cost = hold.amount
-        cost = max(0, cost)
-        self._held[hold.project_id] = self.held(hold.project_id) - hold.amount + cost
+    def record(self, usage: dict[str, Any], cost: int) -> None:
+        """Queue a settled request's usage row (and its debit, if it cost
+        anything) for the writer."""
         usage["cost"] = cost
         entry = None
         if cost:
-            entry = {"id": new_id(), "project_id": hold.project_id, "amount": -cost,
+            entry = {"id": new_id(), "project_id": usage["project_id"], "amount": -cost,
                      "kind": "usage", "reason": f"{usage['model_id']} {usage['status']}",
                      "request_id": usage["request_id"], "actor": usage["key_id"],
                      "created_at": usage["created_at"]}
         self._pending.append(_Settlement(usage, cost, entry))
         self._idle.clear()
         self._wake.set()
-        return cost
 
     # -- the writer ----------------------------------------------------------------
 
@@ -180,6 +185,9 @@ class Ledger:
             self._wake.clear()
             if self._interval and len(self._pending) < self._batch:
                 await asyncio.sleep(self._interval)
+            if self._unapplied:
+                async with self._lock:
+                    await self._apply([])
             while self._pending:
                 batch = self._pending[: self._batch]
                 try:
@@ -197,22 +205,34 @@ class Ledger:
         entries = [s.entry for s in batch if s.entry is not None]
         async with self._lock:
             async with self._db.engine.begin() as conn:
+                await lock_ledger_order(conn)
                 await conn.execute(insert(UsageRecord), [s.usage for s in batch])
                 if entries:
                     await conn.execute(insert(LedgerEntry), entries)
                 version, top = (await conn.execute(text(
                     "SELECT (SELECT value FROM meta WHERE key = 'version'), "
                     "(SELECT MAX(seq) FROM ledger)"))).one()
-            for s in batch:
-                if s.cost:
-                    pid = s.usage["project_id"]
-                    self._held[pid] = self.held(pid) - s.cost
-                    self._balance[pid] = self.balance(pid) - s.cost
-            if version == self._version:
-                # no other process changed money since our last look: all rows are ours
-                self._watermark = int(top or 0)
-            else:
-                self._own.update(e["id"] for e in entries)
+            if not self.store.dedupes:
+                if version == self._version:
+                    # no other process changed money since our last look: all rows are ours
+                    self._watermark = int(top or 0)
+                else:
+                    self._own.update(e["id"] for e in entries)
+            await self._apply([Posted(e["id"], e["project_id"], e["amount"], e["request_id"])
+                               for e in entries])
+
+    async def _apply(self, posted: list[Posted]) -> None:
+        """Committed entries into the store; kept for a retry if it is down."""
+        posted = self._unapplied + posted
+        self._unapplied = []
+        if not posted:
+            return
+        try:
+            await self.store.apply(posted)
+        except Exception as exc:
+            self._unapplied = posted
+            log.warning("committed ledger entries not yet applied to the store (%s); will retry",
+                        exc)
 
     async def drain(self) -> None:
         """Wait until every settled request is written (tests, shutdown)."""
@@ -247,12 +267,14 @@ class Ledger:
                  "created_at": self._clock()}
         async with self._lock:
             async with self._db.session() as session, session.begin():
+                await lock_ledger_order(session)
                 if await session.get(Project, project_id) is None:
                     raise NotFound(f"no project with id {project_id!r}", code="project_not_found")
                 await session.execute(insert(LedgerEntry), [entry])
                 await bump_version(session)
-            self._own.add(entry["id"])
-            self._balance[project_id] = self.balance(project_id) + amount
+            if not self.store.dedupes:
+                self._own.add(entry["id"])
+            await self._apply([Posted(entry["id"], project_id, amount)])
         return entry
 
 
@@ -261,5 +283,4 @@ async def write_credit(db: Database, project_id: str, amount: int, *, kind: str,
     """Append a credit entry from outside the server (the CLI); the server picks
     it up through the store version."""
     ledger = Ledger(db)
-    ledger._own = set()
     return await ledger.credit(project_id, amount, kind=kind, reason=reason, actor=actor)

@@ -129,37 +129,63 @@ class RateLimiter:
                     bucket.refill(now)
                     bucket.level = min(bucket.capacity, bucket.level + unused)
 
+    def active(self) -> int:
+        """Concurrency counters taken now (0 when nothing runs)."""
+        return sum(self._active.values())
+
     def peek(self, plan: PlanLimits, key_id: str, project_id: str) -> dict[str, str]:
         """The headers for a response that took nothing (an error before admission)."""
         return self._headers(plan, self._plan_buckets(plan, key_id, project_id, self._clock()))
 
     def _refused(self, plan: PlanLimits, buckets: list[tuple[Bucket, str, str]], code: str,
                  what: str, wait: float | None) -> RateLimited:
-        headers = self._headers(plan, buckets)
-        message = f"rate limit reached: {what} (plan {plan.name!r})"
-        if wait is not None:
-            retry = max(1, math.ceil(wait))
-            headers["Retry-After"] = str(retry)
-            message += f"; retry after {retry}s"
-        return RateLimited(message, code=f"rate_limit_{code}", headers=headers)
+        return refusal(plan, buckets, code, what, wait, self._wall())
 
     def _headers(self, plan: PlanLimits, buckets: list[tuple[Bucket, str, str]]) -> dict[str, str]:
-        """X-RateLimit-* (requests) and OpenAI's x-ratelimit-* (requests and tokens).
-        Where key and project both limit, the tighter one is reported."""
-        headers = {"X-RateLimit-Tier": plan.name}
-        wall = self._wall()
-        for kind in ("requests", "tokens"):
-            mine = [b for b, k, _ in buckets if k == kind]
-            if not mine:
-                continue
-            tight = min(mine, key=lambda b: b.level)
-            remaining = str(max(0, math.floor(tight.level)))
-            reset_in = max(b.reset_in() for b in mine)
-            headers[f"x-ratelimit-limit-{kind}"] = str(tight.capacity)
-            headers[f"x-ratelimit-remaining-{kind}"] = remaining
-            headers[f"x-ratelimit-reset-{kind}"] = f"{reset_in:.3f}s"
-            if kind == "requests":
-                headers["X-RateLimit-Limit"] = str(tight.capacity)
-                headers["X-RateLimit-Remaining"] = remaining
-                headers["X-RateLimit-Reset"] = str(math.ceil(wall + reset_in))
-        return headers
+        return limit_headers(plan, buckets, self._wall())
+
+
+def refusal(plan: PlanLimits, buckets: list[tuple[Bucket, str, str]], code: str, what: str,
+            wait: float | None, wall: float) -> RateLimited:
+    """The 429 for a refused admission, with its headers."""
+    headers = limit_headers(plan, buckets, wall)
+    message = f"rate limit reached: {what} (plan {plan.name!r})"
+    if wait is not None:
+        retry = max(1, math.ceil(wait))
+        headers["Retry-After"] = str(retry)
+        message += f"; retry after {retry}s"
+    return RateLimited(message, code=f"rate_limit_{code}", headers=headers)
+
+
+def limit_headers(plan: PlanLimits, buckets: list[tuple[Bucket, str, str]],
+                  wall: float) -> dict[str, str]:
+    """X-RateLimit-* (requests) and OpenAI's x-ratelimit-* (requests and tokens).
+    Where key and project both limit, the tighter one is reported."""
+    headers = {"X-RateLimit-Tier": plan.name}
+    for kind in ("requests", "tokens"):
+        mine = [b for b, k, _ in buckets if k == kind]
+        if not mine:
+            continue
+        tight = min(mine, key=lambda b: b.level)
+        remaining = str(max(0, math.floor(tight.level)))
+        reset_in = max(b.reset_in() for b in mine)
+        headers[f"x-ratelimit-limit-{kind}"] = str(tight.capacity)
+        headers[f"x-ratelimit-remaining-{kind}"] = remaining
+        headers[f"x-ratelimit-reset-{kind}"] = f"{reset_in:.3f}s"
+        if kind == "requests":
+            headers["X-RateLimit-Limit"] = str(tight.capacity)
+            headers["X-RateLimit-Remaining"] = remaining
+            headers["X-RateLimit-Reset"] = str(math.ceil(wall + reset_in))
+    return headers
+
+
+def plan_limits(plan: PlanLimits, key_id: str, project_id: str) -> list[tuple[str, str, int, str]]:
+    """The buckets a plan sets: (scope name, kind, capacity, scope)."""
+    out = []
+    for scope, who, rpm, tpm in (("key", key_id, plan.key_rpm, plan.key_tpm),
+                                 ("project", project_id, plan.project_rpm, plan.project_tpm)):
+        if rpm:
+            out.append((f"{scope}:{who}", "requests", rpm, scope))
+        if tpm:
+            out.append((f"{scope}:{who}", "tokens", tpm, scope))
+    return out

@@ -1,8 +1,10 @@
 """Admission and settlement: rate limits and money around one request.
 
-    admit:  deployed model? (404) → limits, worst case (429) → hold (403) → Ticket
-    settle: exactly once, when the work has ended: return unused tokens, charge
-            the actual cost, write one usage record
+    admit:  deployed model? (404) → limits, worst case, hold, in one step of
+            the admission store (429 / 403 / 503) → Ticket
+    settle: once, in the cleanup step of the task that owns the request:
+            return unused tokens, free its concurrency, charge the actual
+            cost, queue one usage record
 
 What is charged: requests that succeeded, and streams the client left early
 (for the tokens generated until then).  Failed requests and abandoned ones
@@ -14,22 +16,22 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from modelfleet.admission import AdmissionStore, Ask, Grant, StoreNotReady
 from modelfleet.catalog import ModelSpec
 from modelfleet.errors import ModelNotFound
 from modelfleet.keys import Principal
-from modelfleet.ledger import Hold, Ledger, cost_of
-from modelfleet.limits import Admission, RateLimiter
+from modelfleet.ledger import Ledger, cost_of
 from modelfleet.openai.embeddings import inputs_of
 from modelfleet.projects import ProjectService
 from modelfleet.scheduler import Claim
+from modelfleet.states import CHARGED, RequestState
 
 log = logging.getLogger(__name__)
 
-CHARGED = frozenset({"succeeded", "disconnected"})
 # Tokens a chat template may add around the messages (role markers, a default
 # system prompt), per request and per message.
 TEMPLATE_OVERHEAD = 96
@@ -83,53 +85,39 @@ def conversation_prefix(payload: dict[str, Any]) -> str | None:
 
 @dataclass
 class Ticket:
-    principal: Principal
+    """What one admitted request holds."""
+
+    grant: Grant
     spec: ModelSpec
-    prices: tuple[int, int]
-    admission: Admission
-    hold: Hold
-    metering: Metering
-    settled: bool = False
-    charged: int = field(default=0)
+    prices: tuple[int, int]  # per million input, output tokens
+    per_image: int = 0
 
     @property
     def headers(self) -> dict[str, str]:
-        return self.admission.headers
+        return self.grant.headers
 
-    def settle(self, *, request_id: str, status: str, usage: dict[str, int],
-               wait_s: float, run_s: float) -> None:
-        if self.settled:
-            return
-        self.settled = True
-        tokens_in = int(usage.get("prompt_tokens", 0))
-        tokens_out = int(usage.get("completion_tokens", 0))
-        cost = cost_of(tokens_in, tokens_out, self.prices) if status in CHARGED else 0
-        record = {
-            "request_id": request_id,
-            "project_id": self.principal.project_id,
-            "key_id": self.principal.key_id,
-            "model_id": self.spec.id,
-            "status": status,
-            "input_tokens": tokens_in,
-            "output_tokens": tokens_out,
-            "wait_ms": round(wait_s * 1000),
-            "run_ms": round(run_s * 1000),
-            "total_ms": round((wait_s + run_s) * 1000),
-            "created_at": datetime.now(UTC),
-            "images": 0,
-        }
-        m = self.metering
-        m.limiter.release(self.admission, tokens_in + tokens_out)
-        self.charged = m.ledger.settle(self.hold, cost, record)
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a request ended, as settlement needs it."""
+
+    request_id: str
+    status: RequestState
+    usage: dict[str, Any]
+    wait_s: float
+    run_s: float
+    images: int = 0
 
 
 class Metering:
-    def __init__(self, projects: ProjectService, limiter: RateLimiter, ledger: Ledger,
-                 *, enabled: bool = True) -> None:
+    def __init__(self, projects: ProjectService, ledger: Ledger, *, enabled: bool = True) -> None:
         self.projects = projects
-        self.limiter = limiter
         self.ledger = ledger
         self.enabled = enabled
+
+    @property
+    def store(self) -> AdmissionStore:
+        return self.ledger.store
 
     def check_model(self, principal: Principal, spec: ModelSpec, route_name: str) -> None:
         """404 for a model not deployed to the key's project (ids are not probed)."""
@@ -139,25 +127,73 @@ class Metering:
 
     def claim(self, principal: Principal, payload: dict[str, Any]) -> Claim:
         """The request's place in the fair queue."""
-        plan = self.projects.plan_of(principal.project_id)
-        return Claim(project=principal.project_id, weight=plan.weight, priority=plan.priority,
-                     cap=plan.project_concurrency, prefix=conversation_prefix(payload))
+        return self.claim_for(principal.project_id, conversation_prefix(payload))
 
-    def peek_headers(self, principal: Principal) -> dict[str, str]:
-        plan = self.projects.plan_of(principal.project_id)
-        return self.limiter.peek(plan, principal.key_id, principal.project_id)
+    def claim_for(self, project_id: str, prefix: str | None = None) -> Claim:
+        plan = self.projects.plan_of(project_id)
+        return Claim(project=project_id, weight=plan.weight, priority=plan.priority,
+                     cap=plan.project_concurrency, prefix=prefix)
 
-    def admit(self, principal: Principal, spec: ModelSpec, payload: dict[str, Any],
-              max_tokens: int) -> Ticket:
-        prices = self.projects.prices(spec) if self.enabled else (0, 0)
+    async def peek_headers(self, principal: Principal) -> dict[str, str]:
+        plan = self.projects.plan_of(principal.project_id)
+        return await self.store.peek(plan, principal.key_id, principal.project_id)
+
+    def ask(self, request_id: str, principal: Principal, spec: ModelSpec,
+            payload: dict[str, Any], max_tokens: int) -> tuple[Ask, tuple[int, int]]:
+        """The worst case of a token request: prompt upper bound plus every output token."""
+        prices = self.projects.prices(spec)
         prompt_max = prompt_upper_bound(spec, payload)
         output_max = max_tokens * completions_count(payload)
-        plan = self.projects.plan_of(principal.project_id)
-        admission = self.limiter.admit(plan, principal.key_id, principal.project_id,
-                                       prompt_max + output_max)
+        ask = Ask(request_id, self.projects.plan_of(principal.project_id), principal.key_id,
+                  principal.project_id, tokens=prompt_max + output_max,
+                  amount=cost_of(prompt_max, output_max, prices),
+                  ttl_s=spec.scaling.request_timeout_s + 60)
+        return ask, prices
+
+    async def admit(self, ask: Ask, spec: ModelSpec, prices: tuple[int, int] = (0, 0),
+                    per_image: int = 0) -> Ticket:
+        return Ticket(await self.take(ask), spec, prices, per_image)
+
+    async def take(self, ask: Ask) -> Grant:
+        """One admission from the store (which reloads balances if it lost them)."""
+        self.ledger.check_writable()
         try:
-            hold = self.ledger.hold(principal.project_id, cost_of(prompt_max, output_max, prices))
-        except BaseException:
-            self.limiter.release(admission, 0)
-            raise
-        return Ticket(principal, spec, prices, admission, hold, self)
+            return await self.store.admit(ask)
+        except StoreNotReady:
+            await self.ledger.reload()
+            return await self.store.admit(ask)
+
+    async def settle(self, ticket: Ticket, outcome: Outcome, key_id: str) -> int:
+        """Charge the actual cost (never above the hold) and queue the usage record;
+        returns the cost charged."""
+        usage = outcome.usage
+        tokens_in = int(usage.get("prompt_tokens", 0))
+        tokens_out = int(usage.get("completion_tokens", 0))
+        cost = 0
+        if outcome.status in CHARGED:
+            cost = cost_of(tokens_in, tokens_out, ticket.prices) + ticket.per_image * outcome.images
+        ask = ticket.grant.ask
+        if cost > ask.amount:
+            log.error("request %s cost %d above its hold %d; charging the hold",
+                      outcome.request_id, cost, ask.amount)
+            cost = ask.amount
+        try:
+            await self.store.settle(ticket.grant, used_tokens=tokens_in + tokens_out, cost=cost)
+        except Exception as exc:  # the store gives the hold back when the debit is applied
+            log.warning("request %s: could not settle with the admission store (%s)",
+                        outcome.request_id, exc)
+        self.ledger.record({
+            "request_id": outcome.request_id,
+            "project_id": ask.project_id,
+            "key_id": key_id,
+            "model_id": ticket.spec.id,
+            "status": outcome.status.value,
+            "input_tokens": tokens_in,
+            "output_tokens": tokens_out,
+            "wait_ms": round(outcome.wait_s * 1000),
+            "run_ms": round(outcome.run_s * 1000),
+            "total_ms": round((outcome.wait_s + outcome.run_s) * 1000),
+            "created_at": datetime.now(UTC),
+            "images": outcome.images,
+        }, cost)
+        return cost

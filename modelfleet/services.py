@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from modelfleet.admission import AdmissionStore, MemoryAdmission
 from modelfleet.catalog import Catalog, load_catalog
 from modelfleet.db import Database, VersionProbe, migrate
 from modelfleet.engines.http import WorkerClient
@@ -15,7 +16,6 @@ from modelfleet.gateway import Gateway
 from modelfleet.jobs import JobService, Signer
 from modelfleet.keys import CreatedKey, KeyService, Scope
 from modelfleet.ledger import Ledger
-from modelfleet.limits import RateLimiter
 from modelfleet.metering import Metering
 from modelfleet.metrics import Metrics, ModelSnapshot
 from modelfleet.projects import ProjectService
@@ -58,6 +58,15 @@ class StoreWatcher:
             self.version = version
 
 
+def admission_store(settings: Settings) -> AdmissionStore:
+    """In this process by default; in Redis when several gateways share it."""
+    if settings.redis_url:
+        from modelfleet.redisstore import RedisAdmission
+
+        return RedisAdmission(settings.redis_url)
+    return MemoryAdmission()
+
+
 @dataclass
 class Services:
     settings: Settings
@@ -85,16 +94,15 @@ class Services:
         client = WorkerClient()
         fleet = Fleet(catalog, settings, client)
         scheduler = Scheduler(fleet, settings.stats_window_s)
-        gateway = Gateway(
-            catalog, fleet, scheduler, client, dispatch_retries=settings.fleet.dispatch_retries
-        )
         keys = KeyService(db)
         projects = ProjectService(db, catalog)
-        ledger = Ledger(db)
-        metering = Metering(projects, RateLimiter(), ledger, enabled=settings.metering)
+        ledger = Ledger(db, admission_store(settings))
+        metering = Metering(projects, ledger, enabled=settings.metering)
         metrics = Metrics()
-        jobs = JobService(db=db, catalog=catalog, scheduler=scheduler, client=client,
-                          metering=metering, ledger=ledger, metrics=metrics, settings=settings.jobs,
+        gateway = Gateway(catalog, fleet, scheduler, client, metering, metrics,
+                          dispatch_retries=settings.fleet.dispatch_retries)
+        jobs = JobService(db=db, catalog=catalog, gateway=gateway, client=client,
+                          metering=metering, ledger=ledger, settings=settings.jobs,
                           results_dir=settings.results_dir,
                           signer=Signer(settings.data_dir / "webhook-signing.key"))
         return cls(
@@ -139,6 +147,7 @@ class Services:
     async def start(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(migrate, self.settings.db_url)
+        await self.ledger.store.start()
         await self.watcher.start()
         if self.settings.bootstrap_default_key and await self.keys.count_projects() == 0:
             created = await self.keys.create("default", [Scope.inference.value], name="bootstrap")
@@ -153,6 +162,16 @@ class Services:
         self.jobs.signer.load()
         await self.jobs.recover()
         self.background.spawn(self._flush_keys(), "key-usage")
+        if self.ledger.store.dedupes:
+            self.background.spawn(self._sweep_holds(), "hold-sweeper")
+
+    async def _sweep_holds(self) -> None:
+        while True:
+            await asyncio.sleep(5.0)
+            try:
+                await self.ledger.sweep_orphans()
+            except Exception as exc:
+                log.warning("could not sweep the holds of stopped gateways: %s", exc)
 
     async def _flush_keys(self) -> None:
         while True:
@@ -176,4 +195,5 @@ class Services:
         try:
             await self.keys.flush_last_used()
         finally:
+            await self.ledger.store.close()
             await self.db.close()

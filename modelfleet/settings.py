@@ -73,6 +73,11 @@ class JobSettings:
     webhook_timeout_s: float = 10.0
     # How often expired results are deleted.
     sweep_interval_s: float = 60.0
+    # A gateway running a job renews its lease; a job whose lease has expired
+    # (its gateway died) is claimed by another one, which looks every
+    # claim_interval_s.
+    lease_s: float = 15.0
+    claim_interval_s: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,9 @@ class Settings:
     data_dir: Path = field(default_factory=default_data_dir)
     catalog_path: Path = DEFAULT_CATALOG
     database_url: str | None = None
+    # Redis for limits, holds and change fan-out shared by several gateways
+    # (None: in process, the embedded default).
+    redis_url: str | None = None
     http: HttpSettings = field(default_factory=HttpSettings)
     fleet: FleetSettings = field(default_factory=FleetSettings)
     jobs: JobSettings = field(default_factory=JobSettings)
@@ -118,6 +126,8 @@ class Settings:
         values: dict[str, Any] = {}
         if url := os.environ.get("MODELFLEET_DATABASE_URL"):
             values["database_url"] = url
+        if url := os.environ.get("MODELFLEET_REDIS_URL"):
+            values["redis_url"] = url
         budget: dict[str, Any] = {}
         if binary := os.environ.get("MODELFLEET_LLAMA_SERVER"):
             budget["llama_server"] = Path(binary)
@@ -128,7 +138,8 @@ class Settings:
         jobs: dict[str, Any] = {}
         if raw := os.environ.get("MODELFLEET_RESULTS_DIR"):
             jobs["results_dir"] = Path(raw).expanduser()
-        for name in ("retention_s", "queue_timeout_s", "webhook_backoff_s", "sweep_interval_s"):
+        for name in ("retention_s", "queue_timeout_s", "webhook_backoff_s", "sweep_interval_s",
+                     "lease_s", "claim_interval_s"):
             if raw := os.environ.get(f"MODELFLEET_JOBS_{name.upper()}"):
                 jobs[name] = float(raw)
         values["jobs"] = JobSettings(**jobs)

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import ctypes
 import logging
+import math
 import os
 import signal
 import socket
@@ -80,6 +81,9 @@ class Replica:
         self.port = port
         self.plan = plan
         self.slots = slots
+        # The slots this gateway may fill: all of them, unless several gateways
+        # share the replica (fleetshare.py; each gets a share).
+        self.share = slots
         self.base_url = (plan.url if plan is not None and plan.url else
                          f"http://127.0.0.1:{port}")
         self.log_path = log_path
@@ -92,6 +96,12 @@ class Replica:
         self.ready_at: float | None = None
         self.failure: str | None = None
         self.resources = Resources()
+        # Several gateways: requests of the others on it and their last use (seen
+        # by the owner), and whether this is another process's replica (mirrored).
+        self.remote_outstanding = 0
+        self.remote_last_active = -math.inf
+        self.mirrored = False
+        self.mirrored_pid: int | None = None
         self._client = client
         self._settings = settings
         self._proc: asyncio.subprocess.Process | None = None
@@ -99,7 +109,7 @@ class Replica:
 
     @property
     def pid(self) -> int | None:
-        return None if self._proc is None else self._proc.pid
+        return self.mirrored_pid if self._proc is None else self._proc.pid
 
     @property
     def attached(self) -> bool:
@@ -118,7 +128,17 @@ class Replica:
 
     @property
     def has_room(self) -> bool:
-        return self.state is ReplicaState.ready and self.outstanding < self.slots
+        return self.state is ReplicaState.ready and self.outstanding < self.share
+
+    @property
+    def busy(self) -> bool:
+        """Requests run on it, from this gateway or (as reported) another."""
+        return self.outstanding > 0 or self.remote_outstanding > 0
+
+    @property
+    def last_used(self) -> float:
+        """When a request on it last ended, on any gateway (this clock)."""
+        return max(self.last_active, self.remote_last_active)
 
     async def start(self, timeout_s: float) -> None:
         """Spawn the worker and wait until it answers its health check."""

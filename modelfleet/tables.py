@@ -117,7 +117,9 @@ class LedgerEntry(Base):
 
     __tablename__ = "ledger"
 
-    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    # BIGSERIAL on PostgreSQL; SQLite's rowid alias must be spelt INTEGER.
+    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                     autoincrement=True)
     id: Mapped[str] = mapped_column(String(36), unique=True)
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
     amount: Mapped[int] = mapped_column(BigInteger)
@@ -189,6 +191,10 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # The gateway running the job ("host:pid:nonce") and until when; another
+    # gateway claims the job once the lease has expired.
+    lease_owner: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
     __table_args__ = (
         Index("ix_jobs_status", "status"),

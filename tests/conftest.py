@@ -1,11 +1,12 @@
-"""Fixtures: the in-process app with one fixture per actor, and a real server
-(``modelfleet serve`` in a subprocess, real llama.cpp workers, real SQLite)."""
+"""Fixtures: the in-process app with one fixture per actor (on SQLite and on
+PostgreSQL), a real server (``modelfleet serve`` in a subprocess, real
+llama.cpp workers, real SQLite), and real PostgreSQL and Redis servers
+(``tests/services.py``)."""
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from modelfleet.catalog import DEFAULT_CATALOG
 from modelfleet.keys import CreatedKey
 from modelfleet.services import Services
 from modelfleet.settings import Settings
+from tests.services import PostgresServer, RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -70,12 +72,6 @@ def catalog_text(tmp: Path, *, warm: bool = True) -> str:
                         "output_per_million = 10_000_000\n"),
         ]
     )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -153,6 +149,63 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         stop_server(running.proc)
 
 
+# -- PostgreSQL and Redis: one server each per session, started on first use --------
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of our own (Debian's binaries, a temporary folder, a
+    private port, run as a non-root user); stopped by its pid at the end."""
+    with PostgresServer.start() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_url(postgres: PostgresServer) -> Iterator[str]:
+    """A new empty database on the session's server: ``postgresql+asyncpg://...``
+    (dropped after the test)."""
+    url = postgres.create_database()
+    yield url
+    postgres.drop_database(url.rsplit("/", 1)[1])
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A redis-server of our own on a private port; ``stop()`` / ``resume()``
+    take it down and bring it back on the same port.  Stopped by its pid."""
+    with RedisServer.start() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> Iterator[str]:
+    """An empty database index on the session's Redis (running again if a
+    test before stopped it); the server is left running after the test."""
+    redis_server.resume()
+    yield redis_server.fresh_url()
+    redis_server.resume()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark what uses the servers (``-m "not postgresql and not redis"`` runs
+    without them)."""
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & {"postgres", "pg_url"}:
+            item.add_marker(pytest.mark.postgresql)
+        if names & {"redis_server", "redis_url"}:
+            item.add_marker(pytest.mark.redis)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgresql)])
+def database_url(request: pytest.FixtureRequest) -> str | None:
+    """Each store-backed test runs twice: on SQLite in its data folder (None)
+    and on a fresh PostgreSQL database (its URL)."""
+    if request.param == "postgresql":
+        return str(request.getfixturevalue("pg_url"))
+    return None
+
+
 # -- in-process app: no worker is started by these tests ---------------------------
 
 
@@ -169,11 +222,11 @@ class Actors:
 
 
 @pytest.fixture
-async def app(tmp_path: Path) -> AsyncIterator[Actors]:
+async def app(tmp_path: Path, database_url: str | None) -> AsyncIterator[Actors]:
     catalog = tmp_path / "catalog.toml"
     catalog.write_text(catalog_text(tmp_path, warm=False))
     settings = Settings(data_dir=tmp_path / "data", catalog_path=catalog,
-                        bootstrap_default_key=False)
+                        database_url=database_url, bootstrap_default_key=False)
     services = Services.build(settings)
     asgi = create_app(settings, services)
     await services.start()

@@ -300,7 +300,7 @@ async def test_top_up_moves_the_balance_and_is_a_ledger_row(app: Actors) -> None
     assert entry["reason"] == "invoice 7" and entry["actor"] == app.admin.key_id
     assert entry["project_id"] == pid and isinstance(entry["seq"], int)
     assert await balance(app, pid) == 2_500_000
-    assert app.services.ledger.balance(pid) == 2_500_000
+    assert (await app.services.ledger.balance(pid))[0] == 2_500_000
     assert await ledger_rows(app, pid) == 1
     # another project is untouched
     assert await balance(app, app.other_tenant.project_id) == 0

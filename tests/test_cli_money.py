@@ -1,14 +1,20 @@
 """The money and admin CLI (credits, plans, prices, projects set, keys rotate,
-usage export) against a store in a temporary folder, in subprocesses."""
+usage export) against a store in a temporary folder, in subprocesses; each
+test twice: SQLite in the data folder, and a fresh PostgreSQL database that
+the CLI finds in MODELFLEET_DATABASE_URL as an operator's would."""
 
 from __future__ import annotations
 
 import asyncio
 import csv
 import io
+import itertools
+import os
+import re
 import sqlite3
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -40,12 +46,36 @@ def ok(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
     return out
 
 
+def store_url(data_dir: Path) -> str:
+    """The store the CLI uses: MODELFLEET_DATABASE_URL, else the data folder's SQLite."""
+    return (os.environ.get("MODELFLEET_DATABASE_URL")
+            or f"sqlite+aiosqlite:///{data_dir / 'modelfleet.db'}")
+
+
 def sql(data_dir: Path, query: str, *args: Any) -> list[tuple[Any, ...]]:
+    """Rows of ``query`` (``?`` placeholders) read straight from the store."""
+    url = store_url(data_dir)
+    if url.startswith("postgresql"):
+        # a loop of its own in a thread of its own: callers may be inside one
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(lambda: asyncio.run(_pg_rows(url, query, args))).result()
     conn = sqlite3.connect(data_dir / "modelfleet.db")
     try:
         return conn.execute(query, args).fetchall()
     finally:
         conn.close()
+
+
+async def _pg_rows(url: str, query: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    import asyncpg
+
+    numbers = itertools.count(1)
+    conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        rows = await conn.fetch(re.sub(r"\?", lambda _: f"${next(numbers)}", query), *args)
+        return [tuple(row) for row in rows]
+    finally:
+        await conn.close()
 
 
 def version(data_dir: Path) -> int:
@@ -62,7 +92,7 @@ def project_id(data_dir: Path, name: str) -> str:
 
 def run_store(data_dir: Path, work: Any) -> Any:
     async def main() -> Any:
-        db = Database(f"sqlite+aiosqlite:///{data_dir / 'modelfleet.db'}")
+        db = Database(store_url(data_dir))
         try:
             return await work(db)
         finally:
@@ -72,7 +102,9 @@ def run_store(data_dir: Path, work: Any) -> Any:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Path:
+def store(tmp_path: Path, database_url: str | None, monkeypatch: pytest.MonkeyPatch) -> Path:
+    if database_url is not None:
+        monkeypatch.setenv("MODELFLEET_DATABASE_URL", database_url)
     data = tmp_path / "data"
     ok("projects", "create", "acme", data_dir=data)
     return data

@@ -148,7 +148,7 @@ def test_native_job_flow(srv: Server) -> None:
     assert reply.headers["x-model-used"] == TINY and "x-request-id" in reply.headers
     assert reply.headers["location"] == accepted["status_url"]
     job = wait_job(srv, accepted["job_id"])
-    assert job["status"] == "succeeded", job
+    assert job["status"] == "succeeded", (job["error"], job)
     assert job["url"] == accepted["status_url"]
     assert httpx.get(accepted["status_url"], headers=_h(srv.key)).json()["id"] == accepted["job_id"]
     assert job["params"]["seed"] == 7
@@ -168,7 +168,7 @@ def test_image_to_image_and_larger_size(srv: Server) -> None:
     reply = submit(srv, input_images_base64=[_png()], width=128, height=128, steps=2)
     assert reply.status_code == 202, reply.text
     job = wait_job(srv, reply.json()["job_id"])
-    assert job["status"] == "succeeded", job
+    assert job["status"] == "succeeded", (job["error"], job)
     assert job["input_images"] == 1
     png = httpx.get(job["result_url"], headers=_h(srv.key), timeout=30)
     assert Image.open(io.BytesIO(png.content)).size == (128, 128)
@@ -347,7 +347,7 @@ def test_a_job_survives_kill_9_of_the_api(tmp_path: Path) -> None:
                                    "MODELFLEET_JOBS_SWEEP_INTERVAL_S": "0.5"})
         try:
             job = wait_job(again, job_id)
-            assert job["status"] == "succeeded", job
+            assert job["status"] == "succeeded", (job["error"], job)
             png = httpx.get(job["result_url"], headers=_h(again.key))
             assert png.status_code == 200
             assert usage_of(again, job_id) == [("succeeded", 1, PER_IMAGE)]

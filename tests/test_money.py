@@ -329,9 +329,10 @@ def test_abandoned_request_is_recorded_and_not_charged(server: Server) -> None:
     resp = chat(server, key, model=model, max_tokens=300)
     assert resp.status_code == 504
     rid = resp.headers["x-request-id"]
-    row = wait_usage(server, [rid], timeout=90)[rid]  # recorded when the worker finishes
-    status, _tin, tout, cost = row
-    assert status == "abandoned" and tout > 0 and cost == 0
+    # settled by the request's owner when it answered 504, not when the worker ends
+    row = wait_usage(server, [rid], timeout=10)[rid]
+    status, _tin, _tout, cost = row
+    assert status == "abandoned" and cost == 0
     assert balance(server, "money-j") == before
 
 

@@ -45,9 +45,7 @@ def router(services: Services) -> APIRouter:
     async def balance(project_id: str, request: Request) -> dict[str, Any]:
         """Balance, held (reserved for running requests) and available, in micro-units."""
         pid = await project_for(request, project_id)
-        ledger = services.ledger
-        return {"object": "balance", "project_id": pid, "balance": ledger.balance(pid),
-                "held": ledger.held(pid), "available": ledger.available(pid)}
+        return {"object": "balance", "project_id": pid, **(await services.ledger.money(pid))}
 
     @api.get("/v1/projects/{project_id}/ledger", tags=["account"])
     async def ledger(project_id: str, request: Request, limit: int = 100,

@@ -130,10 +130,8 @@ class AdminRoutes:
             raise NotFound(f"no project with id {ref!r}", code="project_not_found")
         return info
 
-    def project_out(self, info: ProjectInfo) -> dict[str, Any]:
-        ledger = self.ledger
-        return {"object": "project", **info.as_dict(), "balance": ledger.balance(info.id),
-                "held": ledger.held(info.id), "available": ledger.available(info.id)}
+    async def project_out(self, info: ProjectInfo) -> dict[str, Any]:
+        return {"object": "project", **info.as_dict(), **(await self.ledger.money(info.id))}
 
     def check_models(self, models: list[str] | None) -> None:
         if models is None:
@@ -151,10 +149,8 @@ class AdminRoutes:
 
     async def money_out(self, entry_id: str, project_id: str) -> dict[str, Any]:
         await self.services.watcher.check()
-        ledger = self.ledger
         return {"entry": await reports.ledger_entry(self.services.db, entry_id),
-                "project_id": project_id, "balance": ledger.balance(project_id),
-                "held": ledger.held(project_id), "available": ledger.available(project_id)}
+                "project_id": project_id, **(await self.ledger.money(project_id))}
 
     # -- projects --------------------------------------------------------------------
 
@@ -172,17 +168,17 @@ class AdminRoutes:
         if body.plan is not None or body.models is not None:
             await self.projects.update_project(project_id, plan=body.plan, models=body.models)
         await self.services.watcher.check()
-        return self.project_out(self.project_of(project_id))
+        return await self.project_out(self.project_of(project_id))
 
     async def list_projects(self, request: Request) -> dict[str, Any]:
         """Every project with its plan, deployed models and money (micro-units)."""
         await self.admin(request)
         return {"object": "list",
-                "data": [self.project_out(p) for p in self.projects.list_projects()]}
+                "data": [await self.project_out(p) for p in self.projects.list_projects()]}
 
     async def get_project(self, project_id: str, request: Request) -> dict[str, Any]:
         await self.admin(request)
-        return self.project_out(self.project_of(project_id))
+        return await self.project_out(self.project_of(project_id))
 
     async def patch_project(self, project_id: str, request: Request) -> dict[str, Any]:
         """Change the plan and/or the deployed models (``models: null``: every model)."""
@@ -198,7 +194,7 @@ class AdminRoutes:
         updated = await self.projects.update_project(info.id, plan=body.plan, models=body.models,
                                                      all_models=all_models)
         await self.services.watcher.check()
-        return self.project_out(updated)
+        return await self.project_out(updated)
 
     # -- keys ------------------------------------------------------------------------
 

@@ -80,3 +80,29 @@ def create_app(settings: Settings, services: Services | None = None) -> ASGIApp:
         return {"status": "ok"}
 
     return RequestIdMiddleware(FastPath(app, handlers))
+
+
+def create_app_from_env() -> ASGIApp:
+    """The app of one ``modelfleet serve --workers N`` worker process: uvicorn
+    imports it by name in each worker.  Its settings come from the environment
+    the parent set (``MODELFLEET_DATA_DIR``, ``MODELFLEET_CATALOG``,
+    ``MODELFLEET_HOST``, ``MODELFLEET_PORT``, ``MODELFLEET_LOG_LEVEL``, then
+    what ``Settings.from_env`` reads).  The parent migrated the store and made
+    the first start's key, so no worker does."""
+    import os
+    from pathlib import Path
+
+    from modelfleet.catalog import DEFAULT_CATALOG
+    from modelfleet.settings import HttpSettings, default_data_dir
+
+    env = os.environ
+    logging.basicConfig(level=env.get("MODELFLEET_LOG_LEVEL", "info").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings.from_env(
+        data_dir=default_data_dir(),
+        catalog_path=Path(env.get("MODELFLEET_CATALOG") or DEFAULT_CATALOG),
+        http=HttpSettings(host=env.get("MODELFLEET_HOST", "127.0.0.1"),
+                          port=int(env.get("MODELFLEET_PORT", "8000"))),
+        bootstrap_default_key=False,
+    )
+    return create_app(settings)

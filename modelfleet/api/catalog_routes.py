@@ -66,10 +66,9 @@ class CatalogView:
 
     def runtime(self, spec: ModelSpec) -> dict[str, Any]:
         pool = self.services.fleet.pools[spec.id]
-        queue = self.services.scheduler.queue(spec.id)
         state = pool.describe()
-        state["queued"] = queue.waiting
-        state["in_flight"] = sum(r.outstanding for r in pool.replicas)
+        # Every gateway's requests (several gateways share one fleet: fleetshare.py).
+        state["queued"], state["in_flight"] = pool.fleet_load()
         return state
 
     def entry(self, spec: ModelSpec) -> dict[str, Any]:
@@ -171,10 +170,11 @@ def fleet_router(services: Services) -> APIRouter:
             for r in pool.replicas:
                 rows.append({
                     "id": r.id, "model": model_id, "state": r.state.value, "pid": r.pid,
-                    "url": r.base_url, "slots": r.slots, "outstanding": r.outstanding,
-                    "served": r.served,
+                    "url": r.base_url, "slots": r.slots, "share": r.share,
+                    "outstanding": r.outstanding, "served": r.served,
                 })
-        return {"replicas": rows, "scale_events": [e.__dict__ for e in services.fleet.events()]}
+        return {"replicas": rows, "scale_events": [e.__dict__ for e in services.fleet.events()],
+                "fleet": services.fleet.share.describe()}
 
     @api.get("/v1/admin/scale-events", tags=["admin"])
     async def scale_events(request: Request, model: str | None = None) -> dict[str, Any]:

@@ -1,7 +1,14 @@
-"""POST /v1/chat/completions and /v1/completions: parse, call the gateway, render."""
+"""POST /v1/chat/completions, /v1/completions and /v1/embeddings: parse, then
+one response that runs the request through ``Gateway.handle`` and renders it.
+
+The response object is where the request is owned: its ``__call__`` runs in
+the task that serves the HTTP request, enters ``Gateway.handle`` (admission,
+queue, dispatch), sends the answer or the stream, and leaves it, which
+settles the request in that same task on the event loop."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -9,19 +16,22 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
-from starlette.background import BackgroundTask
+from starlette.requests import ClientDisconnect
+from starlette.types import Message, Receive, Scope, Send
 
+from modelfleet.api import errors
 from modelfleet.api.auth import require
 from modelfleet.api.http import read_body, request_id
 from modelfleet.catalog import ModelSpec
 from modelfleet.errors import ModelfleetError, RequestTooLarge
 from modelfleet.gateway import Call
-from modelfleet.keys import Principal, Scope
-from modelfleet.metering import Ticket
+from modelfleet.keys import Principal
+from modelfleet.keys import Scope as KeyScope
 from modelfleet.openai import chat, completions, embeddings
 from modelfleet.openai.common import parse_body
 from modelfleet.services import Services
 
+log = logging.getLogger(__name__)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -34,23 +44,66 @@ def _openapi_body(model: type[BaseModel]) -> dict[str, Any]:
     }
 
 
-def _recorder(
-    services: Services, principal: Principal, ticket: Ticket | None
-) -> Callable[[Call], None]:
-    """What happens once a request's work has ended: one place records it for
-    the catalog's recent stats, the metrics and (when metering) the bill."""
+async def rate_headers(services: Services, principal: Principal,
+                       exc: ModelfleetError) -> dict[str, str]:
+    """A refused request's limit headers, read without taking from the limits."""
+    if not services.metering.enabled or "X-RateLimit-Tier" in exc.headers \
+            or exc.code == "limits_unavailable":
+        return {}
+    try:
+        return await services.metering.peek_headers(principal)
+    except ModelfleetError:
+        return {}
 
-    def finished(c: Call) -> None:
-        if c.status in ("succeeded", "disconnected"):
-            services.scheduler.queue(c.spec.id).stats.record(c.wait_s, c.run_s)
-        if ticket is not None:
-            ticket.settle(request_id=c.request_id, status=c.status, usage=c.usage,
-                          wait_s=c.wait_s, run_s=c.run_s)
-        services.metrics.request_finished(
-            c.spec.id, principal.project_id, c.status, c.wait_s, c.run_s,
-            int(c.usage.get("prompt_tokens", 0)), int(c.usage.get("completion_tokens", 0)))
 
-    return finished
+class OwnedResponse(Response):
+    """Runs one request through ``Gateway.handle`` and renders what it yields.
+    An error before anything was sent is rendered as an HTTP error; after a
+    stream has started, the gateway turns it into a final SSE error event."""
+
+    def __init__(self, services: Services, call: Call, principal: Principal) -> None:
+        super().__init__()
+        self.services = services
+        self.call = call
+        self.principal = principal
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        call = self.call
+        try:
+            async with self.services.gateway.handle(call) as answer:
+                headers = {**call.rate_headers, **call.headers()}
+                response: Response
+                if answer.events is not None:
+                    response = StreamingResponse(answer.events, media_type="text/event-stream",
+                                                 headers={**SSE_HEADERS, **headers})
+                else:
+                    response = Response(
+                        orjson.dumps(answer.body, option=orjson.OPT_SERIALIZE_NUMPY),
+                        media_type="application/json", headers=headers)
+                await response(scope, receive, tracked)
+        except ClientDisconnect:
+            return  # the client left; the request was settled as it ended
+        except ModelfleetError as exc:
+            if started:
+                return
+            exc.headers = {**call.rate_headers, **(await rate_headers(
+                self.services, self.principal, exc)), **call.headers(), **exc.headers}
+            if call.ticket is None:
+                self.services.metrics.request_rejected(call.spec.id, self.principal.project_id,
+                                                       exc.status)
+            await errors.render(exc)(scope, receive, send)
+        except Exception as exc:
+            if started:
+                raise
+            log.error("request %s failed", call.request_id, exc_info=exc)
+            await errors.render(ModelfleetError("internal server error"))(scope, receive, send)
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -81,9 +134,8 @@ def router(services: Services, handlers: dict[str, Handler] | None = None) -> AP
         build: Callable[[ModelSpec, Any, int], dict[str, Any]],
         path: str,
     ) -> Response:
-        principal = await require(services, request, Scope.inference)
+        principal = await require(services, request, KeyScope.inference)
         headers: dict[str, str] = {}
-        call: Call | None = None
         try:
             raw = await read_body(request, limit)
             body = parse_body(model, raw)
@@ -101,43 +153,28 @@ def router(services: Services, handlers: dict[str, Handler] | None = None) -> AP
             payload = engine.adapt(build(spec, body, max_tokens), body.metadata)
             if body.stream:
                 engine.prepare_stream(payload)
-            call = Call(
-                request_id=request_id(request),
-                route_model=body.model,
-                spec=spec,
-                principal=principal,
-                path=path,
-                payload=payload,
-                stream=bool(body.stream),
-                include_usage=bool(body.stream_options and body.stream_options.include_usage),
-                encoding_format=getattr(body, "encoding_format", None) or "float",
-            )
-            call.claim = metering.claim(principal, payload)
-            ticket = metering.admit(principal, spec, payload, max_tokens) \
-                if metering.enabled else None
-            if ticket is not None:
-                headers.update(ticket.headers)
-
-            call.on_finish = _recorder(services, principal, ticket)
-            if call.stream:
-                events = await gateway.open_stream(call)
-                return StreamingResponse(
-                    events, media_type="text/event-stream",
-                    headers={**SSE_HEADERS, **headers, **call.headers()},
-                )
-            result = await gateway.complete(call)
-            return Response(orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY),
-                            media_type="application/json", headers={**headers, **call.headers()},
-                            background=BackgroundTask(call.finish))
         except ModelfleetError as exc:
-            if metering.enabled and "X-RateLimit-Tier" not in headers:
-                # refused before admission: report the limits without taking from them
-                headers.update(metering.peek_headers(principal))
-            exc.headers = {**headers, **exc.headers}
-            if call is None or not call.on_finish:
-                services.metrics.request_rejected(headers.get("X-Model-Used", "unknown"),
-                                                  principal.project_id, exc.status)
+            exc.headers = {**(await rate_headers(services, principal, exc)), **headers,
+                           **exc.headers}
+            services.metrics.request_rejected(headers.get("X-Model-Used", "unknown"),
+                                              principal.project_id, exc.status)
             raise
+        call = Call(
+            request_id=request_id(request),
+            route_model=body.model,
+            spec=spec,
+            principal=principal,
+            path=path,
+            payload=payload,
+            stream=bool(body.stream),
+            include_usage=bool(body.stream_options and body.stream_options.include_usage),
+            encoding_format=getattr(body, "encoding_format", None) or "float",
+            claim=metering.claim(principal, payload),
+        )
+        if metering.enabled:
+            ask, prices = metering.ask(call.request_id, principal, spec, payload, max_tokens)
+            call.admit = lambda: metering.admit(ask, spec, prices)
+        return OwnedResponse(services, call, principal)
 
     routes: dict[str, tuple[type[Any], Callable[[ModelSpec, Any], int],
                             Callable[[ModelSpec, Any, int], dict[str, Any]]]] = {

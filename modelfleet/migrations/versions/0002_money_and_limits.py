@@ -54,7 +54,9 @@ def upgrade() -> None:
     )
     op.create_table(
         "ledger",
-        sa.Column("seq", sa.Integer(), primary_key=True, autoincrement=True),
+        # BIGSERIAL on PostgreSQL; SQLite's rowid alias must be spelt INTEGER.
+        sa.Column("seq", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True,
+                  autoincrement=True),
         sa.Column("id", sa.String(36), nullable=False, unique=True),
         sa.Column("project_id", sa.String(36),
                   sa.ForeignKey("projects.id", ondelete="CASCADE"), nullable=False),
