@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from modelfleet.ids import short_id
+from modelfleet.workers.common import pid_alive
 
 if TYPE_CHECKING:
     from modelfleet.fleet import ModelPool, ScaleEvent
@@ -67,22 +68,6 @@ def share_of(slots: int, gateways: int) -> int:
     Rounded up: with fewer slots than gateways each still gets one, and the
     worker queues the excess itself."""
     return max(1, math.ceil(slots / max(1, gateways)))
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether the process runs (a zombie, dead but not yet reaped, does not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            stat = handle.read()
-    except OSError:
-        return True  # no /proc: signal 0 is all there is
-    return stat[stat.rfind(b")") + 2:][:1] not in (b"Z", b"X")
 
 
 def write_atomic(path: Path, data: bytes) -> None:

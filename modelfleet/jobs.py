@@ -58,6 +58,7 @@ from modelfleet.settings import JobSettings
 from modelfleet.states import TERMINAL, JobState, RequestState
 from modelfleet.tables import Job
 from modelfleet.tasks import TaskOwner
+from modelfleet.workers.common import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +92,7 @@ def _owner_gone(owner: str | None) -> bool:
     pid = rest.partition(":")[0]
     if host != socket.gethostname()[:40] or not pid.isdigit():
         return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return not pid_alive(int(pid))
 
 
 class JobFailed(Exception):

@@ -149,7 +149,9 @@ class Services:
         await asyncio.to_thread(migrate, self.settings.db_url)
         await self.ledger.store.start()
         await self.watcher.start()
-        if self.settings.bootstrap_default_key and await self.keys.count_projects() == 0:
+        if self.settings.bootstrap_default_key and await self.keys.count_projects() == 0 \
+                and (await self.keys.ensure_project("default"))[1]:
+            # only the gateway that made the project (several may start at once) makes its key
             created = await self.keys.create("default", [Scope.inference.value], name="bootstrap")
             if self.settings.bootstrap_credit > 0:
                 await self.ledger.credit(created.project_id, self.settings.bootstrap_credit,

@@ -59,7 +59,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(exc.status, f"{request.method} {request.path}: {exc.reason}")
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """Whether ``pid`` runs.  A zombie counts as gone: a killed parent whose own
     parent has not reaped it yet still answers ``kill(pid, 0)``."""
     try:
@@ -81,7 +81,7 @@ async def watch_parent(pid: int) -> None:
     (its real parent died), checking every half second."""
     # Polling: there is no event for "another process ended" short of pidfds.
     while True:
-        if not _alive(pid) or os.getppid() != _FIRST_PPID:
+        if not pid_alive(pid) or os.getppid() != _FIRST_PPID:
             break
         await asyncio.sleep(PARENT_POLL_S)
     log.warning("parent process %d is gone", pid)
