@@ -1,54 +1,107 @@
 """Rate limits: requests and tokens per minute, and concurrent requests, per
 key and per project, from the project's plan.
 
-Per-minute limits are token buckets: capacity = the limit, refilled at
-limit/60 per second.  Token limits take the request's worst case (prompt
-upper bound + every output token it may produce) before it runs and give
-back the unused part after, so no request can overshoot them.  Admission
-checks every bucket first and takes from all of them only if all allow it:
-one admission is atomic (the event loop runs it without interruption).
+A per-minute limit is a sliding window: at most ``limit`` units taken in any
+60 seconds, exactly (a log of what was taken and when; an entry leaves the
+window 60 s after it was taken).  A token bucket would let ``limit`` through
+at once and then ``limit`` more as it refills within the same minute; a
+window never does.  Token limits take the request's worst case (prompt upper
+bound + every output token it may produce) before it runs and give back the
+unused part after, so no request can overshoot them.  Admission checks every
+window first and takes from all of them only if all allow it: one admission
+is atomic (the event loop runs it without interruption).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from modelfleet.errors import RateLimited
 from modelfleet.projects import PlanLimits
 
+#: The length of a per-minute limit's window, in seconds.
+WINDOW_S = 60.0
 
-class Bucket:
-    __slots__ = ("capacity", "level", "rate", "updated")
+
+class Window:
+    """At most ``capacity`` units taken in any ``WINDOW_S`` seconds.
+
+    Entries are ``[taken at, amount]``; one that left the window has its
+    amount set to 0, so giving back to it does nothing.
+    """
+
+    __slots__ = ("capacity", "entries", "now", "total")
 
     def __init__(self, capacity: int, now: float) -> None:
         self.capacity = capacity
-        self.rate = capacity / 60.0
-        self.level = float(capacity)
-        self.updated = now
+        self.entries: deque[list[float]] = deque()
+        self.total = 0.0
+        self.now = now
 
-    def refill(self, now: float) -> None:
-        if now > self.updated:
-            self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
-            self.updated = now
+    def trim(self, now: float) -> None:
+        self.now = now
+        entries, edge = self.entries, now - WINDOW_S
+        while entries and entries[0][0] <= edge:
+            entry = entries.popleft()
+            self.total -= entry[1]
+            entry[1] = 0.0
+
+    @property
+    def level(self) -> float:
+        """Units that may still be taken now."""
+        return self.capacity - self.total
 
     def wait_for(self, amount: float) -> float:
-        """Seconds until ``amount`` is available (inf if it never can be)."""
+        """Seconds until ``amount`` fits (inf if it never can)."""
         if amount > self.capacity:
             return math.inf
-        return max(0.0, (amount - self.level) / self.rate)
+        excess = self.total + amount - self.capacity
+        if excess <= 0:
+            return 0.0
+        freed = 0.0
+        for taken_at, taken in self.entries:
+            freed += taken
+            if freed >= excess:
+                return max(0.001, taken_at + WINDOW_S - self.now)
+        return WINDOW_S
+
+    def take(self, amount: float) -> list[float]:
+        entry = [self.now, float(amount)]
+        self.entries.append(entry)
+        self.total += amount
+        return entry
+
+    def give_back(self, entry: list[float], amount: float) -> None:
+        returned = min(amount, entry[1])
+        entry[1] -= returned
+        self.total -= returned
 
     def reset_in(self) -> float:
-        return (self.capacity - self.level) / self.rate
+        """Seconds until the window is empty again."""
+        return max(0.0, self.entries[-1][0] + WINDOW_S - self.now) if self.entries else 0.0
+
+
+class Level:
+    """A window as read from a shared store: what headers and refusals need."""
+
+    __slots__ = ("capacity", "level", "reset")
+
+    def __init__(self, capacity: int, level: float, reset: float) -> None:
+        self.capacity, self.level, self.reset = capacity, level, reset
+
+    def reset_in(self) -> float:
+        return self.reset
 
 
 @dataclass
 class Admission:
     """What one admitted request holds, and the headers that describe it."""
 
-    buckets: list[tuple[Bucket, str]]  # (bucket, "requests" | "tokens")
+    taken: list[tuple[Window, list[float]]]  # token windows and what was taken from them
     counters: list[str]
     reserved_tokens: int
     headers: dict[str, str] = field(default_factory=dict)
@@ -60,27 +113,27 @@ class RateLimiter:
                  wall: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._wall = wall
-        self._buckets: dict[tuple[str, str, int], Bucket] = {}
+        self._windows: dict[tuple[str, str, int], Window] = {}
         self._active: dict[str, int] = {}
 
-    def _bucket(self, scope: str, kind: str, limit: int, now: float) -> Bucket:
-        key = (scope, kind, limit)  # a changed limit starts a fresh bucket
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            bucket = self._buckets[key] = Bucket(limit, now)
-        bucket.refill(now)
-        return bucket
+    def _window(self, scope: str, kind: str, limit: int, now: float) -> Window:
+        key = (scope, kind, limit)  # a changed limit starts a fresh window
+        window = self._windows.get(key)
+        if window is None:
+            window = self._windows[key] = Window(limit, now)
+        window.trim(now)
+        return window
 
     def _plan_buckets(
         self, plan: PlanLimits, key_id: str, project_id: str, now: float
-    ) -> list[tuple[Bucket, str, str]]:
+    ) -> list[tuple[Window, str, str]]:
         out = []
         for scope, who, rpm, tpm in (("key", key_id, plan.key_rpm, plan.key_tpm),
                                      ("project", project_id, plan.project_rpm, plan.project_tpm)):
             if rpm:
-                out.append((self._bucket(f"{scope}:{who}", "requests", rpm, now), "requests", scope))
+                out.append((self._window(f"{scope}:{who}", "requests", rpm, now), "requests", scope))
             if tpm:
-                out.append((self._bucket(f"{scope}:{who}", "tokens", tpm, now), "tokens", scope))
+                out.append((self._window(f"{scope}:{who}", "tokens", tpm, now), "tokens", scope))
         return out
 
     def admit(self, plan: PlanLimits, key_id: str, project_id: str, tokens: int) -> Admission:
@@ -105,12 +158,16 @@ class RateLimiter:
                         f"up to {amount} (prompt plus max output), which can never fit", None)
                 raise self._refused(plan, buckets, f"{unit}_per_minute_per_{scope}",
                                     f"{bucket.capacity} {unit} per minute per {scope}", wait)
-        for bucket, kind, _scope in buckets:
-            bucket.level -= 1 if kind == "requests" else tokens
+        taken = []
+        for window, kind, _scope in buckets:
+            if kind == "requests":
+                window.take(1)
+            else:
+                taken.append((window, window.take(tokens)))
         counters = [f"key:{key_id}", f"project:{project_id}"]
         for name in counters:
             self._active[name] = self._active.get(name, 0) + 1
-        admission = Admission([(b, k) for b, k, _ in buckets], counters, tokens)
+        admission = Admission(taken, counters, tokens)
         admission.headers = self._headers(plan, buckets)
         return admission
 
@@ -123,11 +180,8 @@ class RateLimiter:
             self._active[name] = max(0, self._active.get(name, 0) - 1)
         unused = max(0, admission.reserved_tokens - used_tokens)
         if unused:
-            now = self._clock()
-            for bucket, kind in admission.buckets:
-                if kind == "tokens":
-                    bucket.refill(now)
-                    bucket.level = min(bucket.capacity, bucket.level + unused)
+            for window, entry in admission.taken:
+                window.give_back(entry, unused)
 
     def active(self) -> int:
         """Concurrency counters taken now (0 when nothing runs)."""
@@ -137,15 +191,15 @@ class RateLimiter:
         """The headers for a response that took nothing (an error before admission)."""
         return self._headers(plan, self._plan_buckets(plan, key_id, project_id, self._clock()))
 
-    def _refused(self, plan: PlanLimits, buckets: list[tuple[Bucket, str, str]], code: str,
+    def _refused(self, plan: PlanLimits, buckets: list[tuple[Window, str, str]], code: str,
                  what: str, wait: float | None) -> RateLimited:
         return refusal(plan, buckets, code, what, wait, self._wall())
 
-    def _headers(self, plan: PlanLimits, buckets: list[tuple[Bucket, str, str]]) -> dict[str, str]:
+    def _headers(self, plan: PlanLimits, buckets: list[tuple[Window, str, str]]) -> dict[str, str]:
         return limit_headers(plan, buckets, self._wall())
 
 
-def refusal(plan: PlanLimits, buckets: list[tuple[Bucket, str, str]], code: str, what: str,
+def refusal(plan: PlanLimits, buckets: Sequence[tuple[Window | Level, str, str]], code: str, what: str,
             wait: float | None, wall: float) -> RateLimited:
     """The 429 for a refused admission, with its headers."""
     headers = limit_headers(plan, buckets, wall)
@@ -157,7 +211,7 @@ def refusal(plan: PlanLimits, buckets: list[tuple[Bucket, str, str]], code: str,
     return RateLimited(message, code=f"rate_limit_{code}", headers=headers)
 
 
-def limit_headers(plan: PlanLimits, buckets: list[tuple[Bucket, str, str]],
+def limit_headers(plan: PlanLimits, buckets: Sequence[tuple[Window | Level, str, str]],
                   wall: float) -> dict[str, str]:
     """X-RateLimit-* (requests) and OpenAI's x-ratelimit-* (requests and tokens).
     Where key and project both limit, the tighter one is reported."""
@@ -180,7 +234,7 @@ def limit_headers(plan: PlanLimits, buckets: list[tuple[Bucket, str, str]],
 
 
 def plan_limits(plan: PlanLimits, key_id: str, project_id: str) -> list[tuple[str, str, int, str]]:
-    """The buckets a plan sets: (scope name, kind, capacity, scope)."""
+    """The windows a plan sets: (scope name, kind, capacity, scope)."""
     out = []
     for scope, who, rpm, tpm in (("key", key_id, plan.key_rpm, plan.key_tpm),
                                  ("project", project_id, plan.project_rpm, plan.project_tpm)):

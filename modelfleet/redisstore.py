@@ -3,7 +3,7 @@ several gateway processes (``MODELFLEET_REDIS_URL``).
 
 Every call is one Lua script, so it is atomic across gateways:
 
-    admit   concurrency + every bucket + the hold, checked, then all taken
+    admit   concurrency + every window + the hold, checked, then all taken
     settle  concurrency freed, unused tokens returned, hold → pending cost
     apply   committed ledger entries into balances, each once (a marker per
             entry id); a usage debit releases its request's pending cost
@@ -13,7 +13,8 @@ Keys (all in one hash slot, ``{mf}``):
     {mf}:ready           balances were loaded from the database
     {mf}:bal  {mf}:held  project → micro-units (hashes)
     {mf}:holds           request id → "project amount gateway"
-    {mf}:b:<scope>:<kind>:<cap>   a token bucket {l: level, t: ms}
+    {mf}:w:<scope>:<kind>:<cap>   a per-minute window: request id -> ms taken
+    {mf}:w:<scope>:t:<cap>:a      ... and for tokens, request id -> tokens, "_s" sum
     {mf}:c:<scope>       running requests (sorted set, score = expiry ms)
     {mf}:ap:<entry id>   an applied ledger entry (kept 7 days)
     {mf}:gw:<gateway>    a live gateway's heartbeat
@@ -41,7 +42,7 @@ from typing import Any
 
 from modelfleet.admission import Ask, Grant, Posted, StoreNotReady, refuse_credit
 from modelfleet.errors import ServiceUnavailable
-from modelfleet.limits import Bucket, limit_headers, plan_limits, refusal
+from modelfleet.limits import Level, limit_headers, plan_limits, refusal
 from modelfleet.projects import PlanLimits
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,49 @@ CHANGES = P + "changes"
 HEARTBEAT_S = 2.0
 GATEWAY_TTL_S = 15.0
 
-_ADMIT = """
+# A per-minute window is a sorted set of request ids scored by the time they
+# were taken (ms) and, for tokens, a hash of request id -> tokens with their
+# sum in field "_s".  trim() drops what left the window; it returns the total.
+_WINDOW = """
+local function trim(zk, hk, kind, now)
+  local edge = now - 60000
+  if kind == 'r' then
+    redis.call('ZREMRANGEBYSCORE', zk, '-inf', edge)
+    return redis.call('ZCARD', zk)
+  end
+  local old = redis.call('ZRANGEBYSCORE', zk, '-inf', edge)
+  if #old > 0 then
+    local freed = 0
+    for _, m in ipairs(old) do
+      freed = freed + tonumber(redis.call('HGET', hk, m) or '0')
+      redis.call('HDEL', hk, m)
+    end
+    redis.call('HINCRBY', hk, '_s', -freed)
+    redis.call('ZREMRANGEBYSCORE', zk, '-inf', edge)
+  end
+  return tonumber(redis.call('HGET', hk, '_s') or '0')
+end
+local function wait_ms(zk, hk, kind, excess, now)
+  if kind == 'r' then
+    local e = redis.call('ZRANGE', zk, excess - 1, excess - 1, 'WITHSCORES')
+    return math.max(1, tonumber(e[2]) + 60000 - now)
+  end
+  local freed = 0
+  local rows = redis.call('ZRANGE', zk, 0, -1, 'WITHSCORES')
+  for j = 1, #rows, 2 do
+    freed = freed + tonumber(redis.call('HGET', hk, rows[j]) or '0')
+    if freed >= excess then return math.max(1, tonumber(rows[j + 1]) + 60000 - now) end
+  end
+  return 60000
+end
+local function newest(zk, now)
+  local e = redis.call('ZRANGE', zk, -1, -1, 'WITHSCORES')
+  if e[2] then return math.max(0, tonumber(e[2]) + 60000 - now) end
+  return 0
+end
+"""
+
+_ADMIT = _WINDOW + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-3} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -65,18 +108,16 @@ if counted then
   redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', now)
   if climit > 0 and redis.call('ZCARD', KEYS[5]) >= climit then return {-1, now} end
 end
-local levels = {}
+local totals = {}
 for i = 1, nb do
   local cap, kind = tonumber(ARGV[8 + 2 * i]), ARGV[9 + 2 * i]
-  local rate = cap / 60000.0
-  local v = redis.call('HMGET', KEYS[6 + i], 'l', 't')
-  local level = cap
-  if v[1] then level = math.min(cap, tonumber(v[1]) + math.max(0, now - tonumber(v[2])) * rate) end
-  levels[i] = level
+  local zk, hk = KEYS[5 + 2 * i], KEYS[6 + 2 * i]
+  local total = trim(zk, hk, kind, now)
+  totals[i] = total
   local need = tokens
   if kind == 'r' then need = 1 end
   if need > cap then return {-2, i, -1, now} end
-  if level < need then return {-2, i, math.ceil((need - level) / rate), now} end
+  if total + need > cap then return {-2, i, wait_ms(zk, hk, kind, total + need - cap, now), now} end
 end
 if amount > 0 then
   local bal = tonumber(redis.call('HGET', KEYS[2], pid) or '0')
@@ -87,13 +128,24 @@ if amount > 0 then
 end
 local out = {1, now}
 for i = 1, nb do
-  local kind = ARGV[9 + 2 * i]
-  local need = tokens
-  if kind == 'r' then need = 1 end
-  if counted then levels[i] = levels[i] - need end
-  redis.call('HSET', KEYS[6 + i], 'l', tostring(levels[i]), 't', now)
-  redis.call('PEXPIRE', KEYS[6 + i], 120000)
-  out[#out + 1] = tostring(levels[i])
+  local cap, kind = tonumber(ARGV[8 + 2 * i]), ARGV[9 + 2 * i]
+  local zk, hk = KEYS[5 + 2 * i], KEYS[6 + 2 * i]
+  local reset = newest(zk, now)
+  if counted then
+    local need = tokens
+    if kind == 'r' then need = 1 end
+    totals[i] = totals[i] + need
+    redis.call('ZADD', zk, now, rid)
+    redis.call('PEXPIRE', zk, 61000)
+    if kind == 't' then
+      redis.call('HSET', hk, rid, need)
+      redis.call('HINCRBY', hk, '_s', need)
+      redis.call('PEXPIRE', hk, 61000)
+    end
+    reset = 60000
+  end
+  out[#out + 1] = tostring(cap - totals[i])
+  out[#out + 1] = tostring(reset)
 end
 if counted then
   redis.call('ZADD', KEYS[5], now + ttl, rid)
@@ -119,18 +171,28 @@ if amount > 0 and redis.call('HEXISTS', KEYS[2], rid) == 1 then
   end
 end
 if unused > 0 then
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   for i = 5, #KEYS do
-    local cap = tonumber(ARGV[2 + i])
-    local v = redis.call('HMGET', KEYS[i], 'l', 't')
-    if v[1] then
-      local level = math.min(cap, tonumber(v[1]) + math.max(0, now - tonumber(v[2])) * cap / 60000.0)
-      redis.call('HSET', KEYS[i], 'l', tostring(math.min(cap, level + unused)), 't', now)
+    local taken = redis.call('HGET', KEYS[i], rid)
+    if taken then
+      local back = math.min(unused, tonumber(taken))
+      redis.call('HINCRBY', KEYS[i], rid, -back)
+      redis.call('HINCRBY', KEYS[i], '_s', -back)
     end
   end
 end
 return 1
+"""
+
+_PEEK = _WINDOW + """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local out = {}
+for i = 1, #ARGV do
+  local zk, hk = KEYS[2 * i - 1], KEYS[2 * i]
+  out[#out + 1] = tostring(trim(zk, hk, ARGV[i], now))
+  out[#out + 1] = tostring(newest(zk, now))
+end
+return out
 """
 
 _APPLY = """
@@ -185,7 +247,7 @@ def gateway_id() -> str:
 
 @dataclass
 class _Taken:
-    buckets: list[tuple[str, int]]  # token buckets: (key, capacity)
+    windows: list[str]  # the token windows' hashes
     counters: tuple[str, str]
 
 
@@ -225,6 +287,7 @@ class RedisAdmission:
         self._apply = self.redis.register_script(_APPLY)
         self._release = self.redis.register_script(_RELEASE)
         self._load = self.redis.register_script(_LOAD)
+        self._peek = self.redis.register_script(_PEEK)
         self._heartbeat: asyncio.Task[None] | None = None
 
     # -- life ----------------------------------------------------------------------
@@ -266,7 +329,7 @@ class RedisAdmission:
                            1 if ask.counted else 0, int(ask.ttl_s * 1000),
                            (plan.key_concurrency or 0) if ask.counted else 0, len(limits)]
         for name, kind, cap, _scope in limits:
-            keys.append(f"{P}b:{name}:{kind[0]}:{cap}")
+            keys += _window_keys(name, kind, cap)
             args += [cap, kind[0]]
         try:
             out = await self._admit(keys=keys, args=args)
@@ -279,17 +342,15 @@ class RedisAdmission:
             raise refuse_credit(ask.amount, int(out[1]))
         if code in (-1, -2):
             raise self._refused(ask, limits, out)
-        levels = [float(v) for v in out[2:]]
-        buckets = [(_bucket(cap, level), kind, scope)
-                   for (_n, kind, cap, scope), level in zip(limits, levels, strict=True)]
-        headers = limit_headers(plan, buckets, self._wall()) if ask.counted else {}
-        taken = _Taken([(keys[6 + i], cap) for i, (_n, kind, cap, _s) in enumerate(limits)
+        headers = limit_headers(plan, _levels(limits, out[2:]), self._wall()) \
+            if ask.counted else {}
+        taken = _Taken([keys[7 + 2 * i] for i, (_n, kind, _c, _s) in enumerate(limits)
                         if kind == "tokens"], (keys[4], keys[5]))
         return Grant(ask, headers, taken)
 
     def _refused(self, ask: Ask, limits: list[tuple[str, str, int, str]], out: list[Any]) -> Any:
         plan = ask.plan
-        buckets = [(_bucket(cap, cap), kind, scope) for _n, kind, cap, scope in limits]
+        buckets = [(Level(cap, cap, 0.0), kind, scope) for _n, kind, cap, scope in limits]
         if int(out[0]) == -1:
             return refusal(plan, buckets, "concurrent_requests_per_key",
                            f"{plan.key_concurrency} concurrent requests per key", 1.0, self._wall())
@@ -313,13 +374,12 @@ class RedisAdmission:
         ask = grant.ask
         taken: _Taken | None = grant.handle
         counters = taken.counters if taken else (f"{P}c:-", f"{P}c:-")
-        buckets = taken.buckets if taken else []
+        windows = taken.windows if taken else []
         unused = max(0, ask.tokens - used_tokens) if ask.counted else 0
         try:
             await self._settle(
-                keys=[HELD, HOLDS, *counters, *[k for k, _ in buckets]],
-                args=[ask.request_id, ask.project_id, self.gateway, ask.amount, cost, unused,
-                      *[cap for _, cap in buckets]])
+                keys=[HELD, HOLDS, *counters, *windows],
+                args=[ask.request_id, ask.project_id, self.gateway, ask.amount, cost, unused])
         except Exception as exc:
             raise _unavailable(exc) from None
 
@@ -327,20 +387,14 @@ class RedisAdmission:
         limits = plan_limits(plan, key_id, project_id)
         if not limits:
             return {"X-RateLimit-Tier": plan.name}
+        keys: list[str] = []
+        for name, kind, cap, _scope in limits:
+            keys += _window_keys(name, kind, cap)
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for name, kind, cap, _ in limits:
-                    pipe.hmget(f"{P}b:{name}:{kind[0]}:{cap}", "l", "t")
-                rows = await pipe.execute()
+            out = await self._peek(keys=keys, args=[kind[0] for _n, kind, _c, _s in limits])
         except Exception as exc:
             raise _unavailable(exc) from None
-        now_ms = self._wall() * 1000
-        buckets = []
-        for (_n, kind, cap, scope), (level, ts) in zip(limits, rows, strict=True):
-            value = float(cap) if level is None else min(
-                cap, float(level) + max(0.0, now_ms - float(ts)) * cap / 60000)
-            buckets.append((_bucket(cap, value), kind, scope))
-        return limit_headers(plan, buckets, self._wall())
+        return limit_headers(plan, _levels(limits, out, taken=True), self._wall())
 
     # -- money -------------------------------------------------------------------------
 
@@ -408,7 +462,18 @@ class RedisAdmission:
         return int(await self.redis.zcount(f"{P}c:key:{key_id}", now, "+inf"))
 
 
-def _bucket(capacity: int, level: float) -> Bucket:
-    bucket = Bucket(capacity, 0.0)
-    bucket.level = level
-    return bucket
+def _window_keys(name: str, kind: str, cap: int) -> list[str]:
+    base = f"{P}w:{name}:{kind[0]}:{cap}"
+    return [base, base + ":a"]
+
+
+def _levels(limits: list[tuple[str, str, int, str]], out: Sequence[Any], *,
+            taken: bool = False) -> list[tuple[Level, str, str]]:
+    """Windows read by a script: pairs of (remaining or, with ``taken``, the
+    total taken; ms until empty)."""
+    levels = []
+    for i, (_n, kind, cap, scope) in enumerate(limits):
+        value = float(out[2 * i])
+        levels.append((Level(cap, cap - value if taken else value, float(out[2 * i + 1]) / 1000),
+                       kind, scope))
+    return levels

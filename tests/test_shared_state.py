@@ -24,6 +24,7 @@ from aiohttp import web
 from modelfleet.admission import AdmissionStore, Ask, MemoryAdmission, Posted, StoreNotReady
 from modelfleet.api.app import create_app
 from modelfleet.errors import InsufficientCredits, RateLimited, ServiceUnavailable
+from modelfleet.limits import RateLimiter
 from modelfleet.projects import PlanLimits
 from modelfleet.redisstore import RedisAdmission
 from modelfleet.services import Services
@@ -98,6 +99,47 @@ async def test_concurrency_rpm_and_tokens_are_refused_with_headers(store: Admiss
     assert rpm.value.headers["X-RateLimit-Remaining"] == "0"
     peek = await store.peek(PLAN, "k", "p")
     assert peek["X-RateLimit-Remaining"] == "0"
+
+
+def test_per_minute_limits_are_sliding_windows() -> None:
+    """At most the limit in ANY 60 s window (a token bucket would let 60 through
+    at once and 60 more as it refills within the same minute)."""
+    now = [0.0]
+    limiter = RateLimiter(clock=lambda: now[0], wall=lambda: 1e9 + now[0])
+    plan = PlanLimits(name="w", key_rpm=60, key_tpm=0)
+    admitted: list[float] = []
+    retry_after: list[int] = []
+    while now[0] < 180.0:
+        try:
+            limiter.release(limiter.admit(plan, "k", "p", 1), 1)
+            admitted.append(now[0])
+        except RateLimited as exc:
+            retry_after.append(int(exc.headers["Retry-After"]))
+        now[0] += 0.25
+    worst = max(sum(1 for t in admitted if start <= t < start + 60.0) for start in admitted)
+    assert worst == 60
+    assert len(admitted) == 180  # the limit is still given: 60 per minute over 3 minutes
+    assert admitted[:60] == [0.25 * i for i in range(60)]
+    assert admitted[60] == 60.0  # the first one left the window
+    assert retry_after and max(retry_after) <= 60
+
+
+def test_unused_tokens_return_to_the_window() -> None:
+    now = [0.0]
+    limiter = RateLimiter(clock=lambda: now[0])
+    plan = PlanLimits(name="w", key_rpm=0, key_tpm=100)
+    first = limiter.admit(plan, "k", "p", 80)
+    with pytest.raises(RateLimited):
+        limiter.admit(plan, "k", "p", 30)
+    limiter.release(first, 10)  # 70 come back
+    now[0] = 30.0
+    second = limiter.admit(plan, "k", "p", 85)
+    assert second.headers["x-ratelimit-remaining-tokens"] == "5"
+    now[0] = 60.0  # the first admission (10 tokens) left the window
+    limiter.release(second, 85)
+    assert limiter.peek(plan, "k", "p")["x-ratelimit-remaining-tokens"] == "15"
+    now[0] = 90.0
+    assert limiter.peek(plan, "k", "p")["x-ratelimit-remaining-tokens"] == "100"
 
 
 async def test_a_refused_admission_takes_nothing(store: AdmissionStore) -> None:
