@@ -136,7 +136,7 @@ class MemoryAdmission:
             available = self._balance.get(pid, 0) - self._held.get(pid, 0)
             if ask.amount > available:
                 if admission is not None:
-                    self.limiter.release(admission, 0)
+                    self.limiter.undo(admission)  # a refused request takes nothing
                 raise refuse_credit(ask.amount, available)
             self._held[pid] = self._held.get(pid, 0) + ask.amount
         return Grant(ask, headers, admission)

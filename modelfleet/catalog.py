@@ -162,6 +162,24 @@ class Limits(_Strict):
         default_factory=lambda: ["512x512"])
     min_steps: PositiveInt = 1
     max_steps: PositiveInt = 50
+    # Costly inputs, refused with 400 before they reach a worker
+    # (``openai/bounds.py``): characters per stop sequence; nesting depth of
+    # the free-form JSON fields (metadata, tool parameters, a response_format
+    # schema; the gateway re-serialises them and cannot go past 255); the
+    # serialised size, the enum entries and the largest count (minLength,
+    # maxItems...) of a response_format or tool schema (and the size of
+    # metadata.grammar); tools per request, and the size of one
+    # tool's parameters and description; the size of metadata; and the
+    # vocabulary logit_bias token ids must fall in (unknown: below 2**20).
+    max_stop_chars: PositiveInt = 500
+    max_json_depth: Annotated[int, Field(ge=1, le=128)] = 64
+    max_schema_bytes: PositiveInt = 65_536
+    max_schema_enum: PositiveInt = 1024
+    max_schema_repeat: PositiveInt = 500
+    max_tools: Annotated[int, Field(ge=0, le=128)] = 64
+    max_tool_schema_bytes: PositiveInt = 16_384
+    max_metadata_bytes: PositiveInt = 65_536
+    vocab_size: PositiveInt | None = None
 
     @model_validator(mode="after")
     def _images_consistent(self) -> Limits:
@@ -209,12 +227,35 @@ class Scaling(_Strict):
     idle_timeout_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 300.0
     concurrency: PositiveInt = 4
     request_timeout_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 120.0
+    # When a request's deadline passes while it runs (504 to the client), or
+    # its client goes away: False (default) cancels the worker request at once
+    # (its connection is closed, so the engine stops that slot); True lets the
+    # work finish (a cache warmer, say), but never past ``max_run_s``.
+    finish_abandoned: bool = False
+    # Hard cap on one request's time on a worker, abandoned work included
+    # (default: 2 x request_timeout_s).
+    max_run_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    # A replica from which nothing came back (no answer, no stream chunk) for
+    # this long, while three requests in a row to it passed their deadline with
+    # nothing back, is reported stuck and restarted (default: request_timeout_s).
+    stall_timeout_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
 
     @model_validator(mode="after")
     def _min_le_max(self) -> Scaling:
         if self.min_replicas > self.max_replicas:
             raise ValueError("min_replicas must not exceed max_replicas")
+        if self.max_run_s is not None and self.max_run_s < self.request_timeout_s:
+            raise ValueError("max_run_s must be at least request_timeout_s")
         return self
+
+    @property
+    def run_cap_s(self) -> float:
+        return self.max_run_s if self.max_run_s is not None else 2 * self.request_timeout_s
+
+    @property
+    def stall_s(self) -> float:
+        return self.stall_timeout_s if self.stall_timeout_s is not None \
+            else self.request_timeout_s
 
 
 class Prices(_Strict):

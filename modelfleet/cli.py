@@ -25,8 +25,9 @@ from modelfleet.db import Database, migrate
 from modelfleet.errors import InvalidRequest, ModelfleetError, NotFound
 from modelfleet.keys import CreatedKey, KeyService, Scope
 from modelfleet.ledger import MAX_AMOUNT, write_credit
+from modelfleet.observe import configure_logging
 from modelfleet.projects import DEFAULT_PLAN, LIMIT_FIELDS, PlanLimits, ProjectInfo, ProjectService
-from modelfleet.settings import HttpSettings, Settings, default_data_dir
+from modelfleet.settings import Settings, default_data_dir
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 keys_app = typer.Typer(no_args_is_help=True, help="Create, list, revoke and rotate API keys.")
@@ -79,9 +80,17 @@ def _with_db(data_dir: Path | None, work: Callable[[Database], Awaitable[T]]) ->
 
     async def main() -> T:
         db = Database(settings.db_url)
+        feed = None
+        if settings.redis_url:  # every gateway hears of the change at once
+            from modelfleet.redisstore import ChangeFeed
+
+            feed = ChangeFeed(settings.redis_url)
+            db.change_hooks.append(feed.changed)
         try:
             return await work(db)
         finally:
+            if feed is not None:
+                await feed.close()
             await db.close()
 
     try:
@@ -146,18 +155,26 @@ def serve(
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
     workers: Annotated[int, typer.Option(
         min=1, help="Gateway processes sharing the port; one of them owns the model workers")] = 1,
+    database_url: Annotated[str | None, typer.Option(
+        help="The store: postgresql+asyncpg://user@host/db (default: SQLite in the data "
+             "folder; env MODELFLEET_DATABASE_URL)")] = None,
+    redis_url: Annotated[str | None, typer.Option(
+        help="Redis shared by several gateways for limits, holds and change fan-out "
+             "(env MODELFLEET_REDIS_URL)")] = None,
 ) -> None:
     """Run the API and its fleet of model workers."""
-    import uvicorn
-
+    from modelfleet.api import server
     from modelfleet.api.app import create_app
-    from modelfleet.api.server import CoalescingHttpToolsProtocol
     from modelfleet.services import Services
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = _settings(
-        data_dir, catalog_path=catalog or DEFAULT_CATALOG, http=HttpSettings(host=host, port=port)
-    )
+    try:
+        settings = _settings(data_dir, catalog_path=catalog or DEFAULT_CATALOG,
+                             database_url=database_url, redis_url=redis_url)
+    except ValueError as exc:  # a MODELFLEET_HTTP_* value that is not a positive number
+        _fail(f"settings: {exc}")
+    settings = replace(settings, http=replace(settings.http, host=host, port=port))
+    configure_logging(log_level, settings.observe.log_format)  # json or text (observe.py)
     try:
         parsed = load_catalog(settings.catalog_path)
     except CatalogError as exc:
@@ -172,25 +189,14 @@ def serve(
     )
     err.print(f"modelfleet: data in {settings.data_dir}; {len(parsed)} models from "
               f"{settings.catalog_path}; listening on http://{host}:{port}/v1")
-    uvicorn.run(
-        create_app(settings, services),
-        host=host,
-        port=port,
-        log_level=log_level,
-        access_log=False,
-        loop="uvloop",
-        http=CoalescingHttpToolsProtocol,
-        timeout_graceful_shutdown=10,
-    )
+    server.run(create_app(settings, services), settings.http, log_level=log_level)
 
 
 def _serve_workers(settings: Settings, models: int, workers: int, log_level: str) -> None:
     """``serve --workers N``: N uvicorn worker processes on one port, each a whole
     gateway (one of them owns the fleet: fleetshare.py).  The store is migrated
     and the first start's key made here, once, before any worker starts."""
-    import uvicorn
-
-    from modelfleet.api.server import CoalescingHttpToolsProtocol
+    from modelfleet.api import server
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     migrate(settings.db_url)
@@ -206,21 +212,15 @@ def _serve_workers(settings: Settings, models: int, workers: int, log_level: str
         "MODELFLEET_PORT": str(http.port),
         "MODELFLEET_LOG_LEVEL": log_level,
     })
+    for name, value in (("MODELFLEET_DATABASE_URL", settings.database_url),
+                        ("MODELFLEET_REDIS_URL", settings.redis_url)):
+        if value:
+            os.environ[name] = value
     err.print(f"modelfleet: data in {settings.data_dir}; {models} models from "
               f"{settings.catalog_path}; {workers} gateway processes listening on "
               f"http://{http.host}:{http.port}/v1")
-    uvicorn.run(
-        "modelfleet.api.app:create_app_from_env",
-        factory=True,
-        workers=workers,
-        host=http.host,
-        port=http.port,
-        log_level=log_level,
-        access_log=False,
-        loop="uvloop",
-        http=CoalescingHttpToolsProtocol,
-        timeout_graceful_shutdown=10,
-    )
+    server.run("modelfleet.api.app:create_app_from_env", http, workers=workers,
+               log_level=log_level, factory=True)
 
 
 async def _bootstrap(settings: Settings) -> CreatedKey | None:

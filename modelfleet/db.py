@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,8 @@ def _after_commit(session: Session) -> None:
         db = session.info.get("database")
         if isinstance(db, Database):
             db.local_changes += 1
+            for hook in db.change_hooks:
+                hook()
 
 
 @event.listens_for(_Session, "after_rollback")
@@ -130,6 +133,9 @@ class Database:
         # Commits through this object that bumped the store version: a probe
         # that polls reads again at once after one (this process's own change).
         self.local_changes = 0
+        # Called (on the event loop, synchronously) after such a commit: the
+        # Redis change feed publishes it to every other gateway.
+        self.change_hooks: list[Callable[[], None]] = []
 
     async def close(self) -> None:
         await self.engine.dispose()
@@ -173,8 +179,9 @@ class VersionProbe:
         self._interval = interval_s
         self._conn: sqlite3.Connection | None = None
         self._last: tuple[float, int] = (0.0, -1)
-        self._reading = False
+        self._inflight: asyncio.Future[int] | None = None
         self._seen_changes = -1
+        self._nudges = self._seen_nudges = 0
         self._sqlite_path = db.url.split("///", 1)[-1] if db.url.startswith("sqlite") else None
 
     async def read(self) -> int:
@@ -185,19 +192,38 @@ class VersionProbe:
             row = self._conn.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
             return int(row[0]) if row else 0
         now = time.monotonic()
-        changes = self._db.local_changes
-        if self._last[1] >= 0 and (self._reading or (
-                now - self._last[0] < self._interval and changes == self._seen_changes)):
+        changes, nudges = self._db.local_changes, self._nudges
+        changed = changes != self._seen_changes or nudges != self._seen_nudges
+        if self._last[1] >= 0 and not changed and now - self._last[0] < self._interval:
             return self._last[1]
-        self._reading = True
+        if self._inflight is not None:
+            # A read is under way: after a known change, wait for it (it began
+            # after the change was heard); a routine poll uses the last value.
+            return await asyncio.shield(self._inflight) if changed or self._last[1] < 0 \
+                else self._last[1]
+        inflight = self._inflight = asyncio.get_running_loop().create_future()
         try:
             async with self._db.engine.connect() as conn:
-                value = await conn.scalar(text("SELECT value FROM meta WHERE key = 'version'"))
+                value = int(await conn.scalar(
+                    text("SELECT value FROM meta WHERE key = 'version'")) or 0)
+        except asyncio.CancelledError:
+            inflight.cancel()
+            raise
+        except Exception as exc:
+            inflight.set_exception(exc)
+            inflight.exception()  # retrieved: the callers that waited re-raise it
+            raise
         finally:
-            self._reading = False
-        self._last = (now, int(value or 0))
-        self._seen_changes = changes
-        return self._last[1]
+            self._inflight = None
+        self._last = (now, value)
+        self._seen_changes, self._seen_nudges = changes, nudges
+        inflight.set_result(value)
+        return value
+
+    def nudge(self) -> None:
+        """Another process changed the store (a message on the change feed):
+        the next read goes to the database."""
+        self._nudges += 1
 
     def close(self) -> None:
         if self._conn is not None:

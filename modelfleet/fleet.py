@@ -383,6 +383,26 @@ class ModelPool:
         self._next_start_at = self.clock() + backoff
         self._converge()
 
+    def replica_stalled(self, replica: Replica, silent_s: float) -> None:
+        """Nothing came back from a ready replica for ``silent_s`` while a request
+        to it passed its deadline: its slots make no progress.  Restart it (a
+        follower stops routing to it; the owner restarts it); requests that
+        wait for a slot go to the replacement."""
+        if replica.state is not ReplicaState.ready or replica not in self.replicas:
+            return
+        reason = f"replica {replica.id} made no progress for {silent_s:.0f}s; restarting it"
+        if replica.mirrored:
+            self._shun(replica)
+            return
+        live = self.live_replicas
+        self._record(live, live, reason)
+        replica.state = ReplicaState.failed
+        replica.failure = reason
+        replica.kill()
+        self._forget(replica)
+        log.warning("%s", reason)
+        self._converge()
+
     async def check_replica(self, replica: Replica) -> None:
         """After a failed dispatch: replace the replica if it is dead or not answering
         (a follower only stops routing to it for a while: the owner replaces it)."""

@@ -10,8 +10,12 @@
 
 The deadline is the model's ``request_timeout_s``.  Passed while queued, the
 request is cancelled; passed while running, the client gets 504 and the
-work is ``abandoned``: it is settled then (abandoned work is not charged),
-and goes on to the end on the worker, which keeps the slot until then.
+work is ``abandoned``: it is settled then (abandoned work is not charged)
+and stopped on the worker (its connection closed, so the engine frees the
+slot), unless the catalog lets abandoned work finish (``finish_abandoned``),
+and then never past ``max_run_s``.  A client that goes away is treated the
+same.  A replica from which nothing came back for ``stall_timeout_s`` while
+a request to it passed its deadline is restarted.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from modelfleet.fleet import Fleet
 from modelfleet.keys import Principal
 from modelfleet.metering import Metering, Outcome, Ticket
 from modelfleet.metrics import Metrics
+from modelfleet.observe import Marks, Observer, charged, rejected_record, stream_times
 from modelfleet.openai import embeddings, shape
 from modelfleet.scheduler import ANONYMOUS, Claim, Lease, ModelQueue, Scheduler
 from modelfleet.states import RequestState
@@ -48,6 +53,11 @@ from modelfleet.tasks import TaskOwner
 log = logging.getLogger(__name__)
 
 EMBEDDINGS_PATH = "/v1/embeddings"
+# How long a finished answer waits for its usage row to be committed.
+DURABLE_WAIT_S = 10.0
+# Requests in a row that pass their deadline with nothing back from a replica
+# (and nothing back at all for its stall timeout) before it is restarted.
+STALL_MISSES = 3
 _USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
 
 
@@ -83,6 +93,17 @@ class Call:
     images: int = 0  # image jobs: images delivered (charged per image)
     # Async jobs wait this long for a slot (None: the request deadline covers both).
     queue_timeout_s: float | None = None
+    # What the request's log line and trace need (observe.py), and the
+    # presented key's public prefix (as `keys list` shows it).
+    marks: Marks = field(default_factory=Marks)
+    key_prefix: str = ""
+    # An answer sent to a client: settled, with its usage row committed, before
+    # the end of the answer is sent (a job settles when it leaves handle).
+    settle_before_end: bool = False
+    settled: bool = False
+    # Whether a client that goes away may cancel the owner task now (not once
+    # settlement began: it runs to its end).
+    cancellable: bool = True
 
     @property
     def is_chat(self) -> bool:
@@ -160,6 +181,7 @@ class Gateway:
         metrics: Metrics,
         *,
         dispatch_retries: int = 2,
+        observer: Observer | None = None,
     ) -> None:
         self.catalog = catalog
         self.fleet = fleet
@@ -169,9 +191,11 @@ class Gateway:
         self.metrics = metrics
         self.retries = dispatch_retries
         self.owner = TaskOwner("gateway")
+        self.observer = observer or Observer()
 
     async def close(self) -> None:
         await self.owner.close()
+        self.observer.close()
 
     def resolve(self, name: str) -> ModelSpec:
         spec = self.catalog.resolve(name)
@@ -187,7 +211,13 @@ class Gateway:
         yield its answer to be rendered, and settle it on the way out (once,
         whatever happened: error, deadline, a client that left)."""
         if call.admit is not None:
-            call.ticket = await call.admit()  # refused: nothing was taken, nothing to settle
+            try:
+                call.ticket = await call.admit()  # refused: nothing was taken, nothing to settle
+            except ModelfleetError as exc:
+                self.observer.rejected(rejected_record(
+                    call.request_id, call.principal, self._project_name(call), call.spec.id,
+                    call.path, exc, call.key_prefix))
+                raise
         try:
             if call.stream:
                 events = await self._open_stream(call)
@@ -196,13 +226,18 @@ class Gateway:
                 finally:
                     await events.aclose()  # type: ignore[attr-defined]
             else:
-                yield Answer(body=await self._complete(call, starting))
+                body = await self._complete(call, starting)
+                if call.settle_before_end:
+                    await self._settle(call)
+                yield Answer(body=body)
         except DeadlineExceeded as exc:
+            call.marks.error(exc)
             if call.status is RequestState.pending:
                 call.status = RequestState.cancelled if exc.code == "queue_timeout" \
                     else RequestState.failed
             raise
-        except BaseException:
+        except BaseException as exc:
+            call.marks.error(exc)
             if call.status is RequestState.pending:
                 call.status = RequestState.cancelled
             raise
@@ -210,19 +245,48 @@ class Gateway:
             await self._settle(call)
 
     async def _settle(self, call: Call) -> None:
-        """The request's single cleanup step: stats, money and limits, metrics."""
+        """The request's single cleanup step: stats, money and limits, metrics.
+        A delivered answer is settled before its end is sent (``settle_before_end``):
+        then this waits until its usage row is committed, so a crash after the
+        client got the answer cannot lose the charge."""
+        call.cancellable = False
+        if call.settled:
+            return
+        call.settled = True
+        settle_started = time.monotonic()
         if call.status is RequestState.pending:
             call.status = RequestState.failed
         if call.status in (RequestState.succeeded, RequestState.disconnected):
             self.scheduler.queue(call.spec.id).stats.record(call.wait_s, call.run_s)
-        project = call.principal.project_id if call.principal else ""
         if call.ticket is not None and call.principal is not None:
             outcome = Outcome(call.request_id, call.status, dict(call.usage), call.wait_s,
                               call.run_s, call.images)
-            await self.metering.settle(call.ticket, outcome, call.principal.key_id)
+            written = await self.metering.settle(call.ticket, outcome, call.principal.key_id,
+                                                 durable=call.settle_before_end)
+            if written is not None:
+                try:
+                    await asyncio.wait_for(asyncio.shield(written), DURABLE_WAIT_S)
+                except TimeoutError:
+                    log.error("request %s: usage row not committed within %gs (the ledger "
+                              "is not writable); answering anyway, the row stays queued",
+                              call.request_id, DURABLE_WAIT_S)
+        call.marks.cost = charged(call)
+        name = self._project_name(call)
+        ttft, tpot = stream_times(call)
         self.metrics.request_finished(
-            call.spec.id, project, call.status.value, call.wait_s, call.run_s,
-            int(call.usage.get("prompt_tokens", 0)), int(call.usage.get("completion_tokens", 0)))
+            call.spec.id, name, call.status.value, call.wait_s, call.run_s,
+            int(call.usage.get("prompt_tokens", 0)), int(call.usage.get("completion_tokens", 0)),
+            ttft_s=ttft, tpot_s=tpot)
+        self.observer.finished(call, name, settle_started)
+
+    def _project_name(self, call: Call) -> str:
+        """The project's name (metric label, log field); a job's principal has only its id."""
+        if call.principal is None:
+            return ""
+        if call.principal.project_name:
+            return call.principal.project_name
+        info = self.metering.projects.project(call.principal.project_id)
+        return info.name if info is not None else call.principal.project_id
 
     # -- non-streaming ------------------------------------------------------------
 
@@ -239,6 +303,7 @@ class Gateway:
         for attempt in range(self.retries + 1):
             lease = await queue.acquire(deadline, enqueued, call.claim)
             call.deployment_id = lease.replica.id
+            call.marks.lease = lease
             call.wait_s = lease.wait_s
             if starting is not None:
                 try:
@@ -246,8 +311,9 @@ class Gateway:
                 except BaseException:
                     queue.release(lease)
                     raise
+            run_started = queue.clock()
             run_deadline = deadline if call.queue_timeout_s is None \
-                else queue.clock() + call.spec.scaling.request_timeout_s
+                else run_started + call.spec.scaling.request_timeout_s
             work = self.owner.spawn(self._post(queue, lease, call), call.request_id)
             try:
                 async with asyncio.timeout(max(0.0, run_deadline - queue.clock())):
@@ -259,11 +325,14 @@ class Gateway:
                         call.status = RequestState.succeeded
                         return self._rewrite(call, reply.body)
                 call.status = RequestState.abandoned
-                raise DeadlineExceeded(
-                    f"request to {call.spec.id!r} did not finish within "
-                    f"{call.spec.scaling.request_timeout_s:g}s; the work was abandoned",
-                    code="request_timeout",
-                ) from None
+                self._stall_check(queue, lease)
+                self._stop_work(call, work.cancel, work, run_started)
+                raise self._deadline(call, "did not finish") from None
+            except asyncio.CancelledError:  # the client went away (or the gateway stops)
+                if not work.done():
+                    call.status = RequestState.cancelled
+                    self._stop_work(call, work.cancel, work, run_started)
+                raise
             except WorkerUnreachable as exc:
                 await self._unreachable(call, lease, exc, attempt)
                 continue
@@ -288,6 +357,8 @@ class Gateway:
         try:
             reply = await self.client.post(lease.replica.base_url + call.path, call.payload,
                                            lease.replica.headers)
+            lease.replica.last_output = queue.clock()
+            lease.replica.silent_misses = 0
             if reply.status == 200:
                 call.usage = _usage(reply.body.get("usage"))
             return reply
@@ -325,6 +396,7 @@ class Gateway:
         for attempt in range(self.retries + 1):
             lease = await queue.acquire(deadline, enqueued, call.claim)
             call.deployment_id = lease.replica.id
+            call.marks.lease = lease
             call.wait_s = lease.wait_s
             url = lease.replica.base_url + call.path
             try:
@@ -349,6 +421,7 @@ class Gateway:
                 raise _worker_error(call, WorkerReply(stream.status, body))
             pump = _Pump(self, call, queue, lease, stream)
             pump.task = self.owner.spawn(pump.run(), call.request_id)
+            pump.arm(deadline)
             try:
                 first = await pump.next(deadline)
             except BaseException:
@@ -359,7 +432,8 @@ class Gateway:
                 continue
             if first is _TIMEOUT:
                 call.status = RequestState.abandoned
-                pump.abandon()
+                self._stall_check(queue, lease)
+                pump.stop_or_finish(call)
                 raise self._deadline(call, "produced nothing")
             return self._relay(call, pump, first, deadline)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -374,8 +448,38 @@ class Gateway:
                 f"model {call.spec.id!r}: no replica answered after {attempt + 1} attempts"
             )
 
+    def _stop_work(self, call: Call, stop: Callable[[], object], work: asyncio.Future[Any],
+                   run_started: float) -> None:
+        """Work whose client is gone (deadline passed, or disconnected): stopped
+        now (the worker connection is closed, so the engine frees the slot), or,
+        where the catalog lets abandoned work finish, at ``max_run_s`` at most."""
+        scaling = call.spec.scaling
+        if not scaling.finish_abandoned:
+            stop()
+            return
+        left = run_started + scaling.run_cap_s - self.scheduler.queue(call.spec.id).clock()
+        if left <= 0:
+            stop()
+            return
+        cap = self.owner.spawn(_stop_after(left, stop), f"{call.request_id}:cap")
+        work.add_done_callback(lambda _: cap.cancel())
+
+    def _stall_check(self, queue: ModelQueue, lease: Lease) -> None:
+        """A request passed its deadline on this replica with nothing back.  After
+        ``STALL_MISSES`` such requests in a row, with nothing at all back from
+        the replica for its stall timeout, its slots are stuck: restart it."""
+        replica = lease.replica
+        replica.silent_misses += 1
+        silent = queue.clock() - replica.last_output
+        if replica.silent_misses >= STALL_MISSES and silent >= queue.pool.spec.scaling.stall_s:
+            queue.pool.replica_stalled(replica, silent)
+
     def _deadline(self, call: Call, what: str) -> DeadlineExceeded:
-        suffix = "; the work was abandoned" if call.status is RequestState.abandoned else ""
+        suffix = ""
+        if call.status is RequestState.abandoned:
+            suffix = "; the work was abandoned" + (
+                f" (it may finish, within {call.spec.scaling.run_cap_s:g}s in all)"
+                if call.spec.scaling.finish_abandoned else " and stopped on the worker")
         return DeadlineExceeded(
             f"request to {call.spec.id!r} {what} within "
             f"{call.spec.scaling.request_timeout_s:g}s{suffix}",
@@ -386,41 +490,58 @@ class Gateway:
         self, call: Call, pump: _Pump, first: object, deadline: float
     ) -> AsyncIterator[bytes]:
         item = first
+        held: list[bytes] = []  # the end of the answer, sent once it is settled
         try:
             while True:
                 if item is _END:
                     call.status = RequestState.succeeded
+                    if call.settle_before_end:
+                        call.run_s = pump.queue.clock() - pump.started
+                        await self._settle(call)
+                    for event in held:
+                        yield event
                     break
-                if item is _TIMEOUT:
-                    call.status = RequestState.abandoned
-                    pump.abandon()
-                    yield _sse_error(self._deadline(call, "did not finish"))
+                if item is _TIMEOUT or isinstance(item, Exception):
+                    for event in held:
+                        yield event
+                    yield self._stream_failed(call, pump, item)
                     break
-                if isinstance(item, Exception):
-                    call.status = RequestState.failed
-                    log.warning("request %s: stream from %s broke: %s", call.request_id,
-                                pump.lease.replica.id, item)
-                    self.owner.spawn(pump.queue.pool.check_replica(pump.lease.replica), "check")
-                    yield _sse_error(UpstreamError(
-                        f"the worker serving {call.spec.id!r} failed mid-stream: {item}",
-                        code="worker_failed",
-                    ))
-                    break
+                data: bytes = item  # type: ignore[assignment]
                 try:
-                    chunk = self._chunk(call, item)  # type: ignore[arg-type]
+                    chunk = self._chunk(call, data)
                 except WorkerBroke as exc:
                     item = exc
                     continue
                 if chunk is not None:
-                    yield chunk
+                    if held or (call.settle_before_end and _ends(data)):
+                        held.append(chunk)
+                    else:
+                        yield chunk
                 item = await pump.next(deadline)
             yield b"data: [DONE]\n\n"
         finally:
+            pump.disarm()
             if call.status is RequestState.pending:
                 call.status = RequestState.disconnected  # the client left: stop the worker too
-            if call.status is not RequestState.abandoned:
+                pump.stop_or_finish(call)
+            elif call.status is not RequestState.abandoned:
                 pump.cancel()
             call.run_s = pump.queue.clock() - pump.started
+
+    def _stream_failed(self, call: Call, pump: _Pump, item: object) -> bytes:
+        """The final error event of a stream that passed its deadline or broke."""
+        if item is _TIMEOUT:
+            call.status = RequestState.abandoned
+            pump.stop_or_finish(call)
+            return _sse_error(call, self._deadline(call, "did not finish"))
+        call.status = RequestState.failed
+        log.warning("request %s: stream from %s broke: %s", call.request_id,
+                    pump.lease.replica.id, item)
+        self.owner.spawn(pump.queue.pool.check_replica(pump.lease.replica), "check")
+        return _sse_error(call, UpstreamError(
+            f"the worker serving {call.spec.id!r} failed mid-stream: {item}",
+            code="worker_failed",
+        ))
 
     def _chunk(self, call: Call, data: bytes) -> bytes | None:
         try:
@@ -444,6 +565,7 @@ class Gateway:
             shape.chat_chunk_choice(c) if call.is_chat else shape.text_choice(c, streaming=True)
             for c in obj.get("choices") or []
         ]
+        call.marks.chunk(obj["choices"])
         if not obj["choices"] and usage:
             if not call.include_usage:
                 return None
@@ -456,6 +578,16 @@ class Gateway:
 
 _END = object()
 _TIMEOUT = object()
+
+
+async def _stop_after(delay: float, stop: Callable[[], object]) -> None:
+    await asyncio.sleep(delay)
+    stop()
+
+
+def _ends(data: bytes) -> bool:
+    """A worker event that ends the answer: a choice's finish_reason, or usage."""
+    return b'"finish_reason":"' in data or b'"finish_reason": "' in data or b'"usage"' in data
 
 
 class _Pump:
@@ -479,11 +611,15 @@ class _Pump:
         self.items: asyncio.Queue[object] = asyncio.Queue()
         self.abandoned = False
         self.task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self.started = queue.clock()
 
     async def run(self) -> None:
         try:
+            replica = self.lease.replica
             async for data in self.stream.events():
+                replica.last_output = self.queue.clock()
+                replica.silent_misses = 0
                 if self.abandoned:
                     self.gateway._chunk(self.call, data)  # keep the usage, drop the text
                 else:
@@ -502,13 +638,36 @@ class _Pump:
         except TimeoutError:
             return _TIMEOUT
 
-    def abandon(self) -> None:
+    def arm(self, deadline: float) -> None:
+        """At the deadline the worker is stopped (or capped) even if the relay is
+        stuck sending to a client that does not read: the slot is not held
+        hostage by the client's socket.  The relay reports the deadline when
+        it next reads."""
+        self._timer = asyncio.get_running_loop().call_later(
+            max(0.0, deadline - self.queue.clock()), self._expire)
+
+    def disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expire(self) -> None:
+        self._timer = None
+        if self.task is not None and not self.task.done() and not self.abandoned:
+            self.stop_or_finish(self.call)
+
+    def stop_or_finish(self, call: Call) -> None:
+        """Nobody reads this stream any more: stop the worker now, or let it
+        finish within the model's cap (``Gateway._stop_work``)."""
         self.abandoned = True
+        if self.task is not None:
+            self.gateway._stop_work(call, self.cancel, self.task, self.started)
 
     def cancel(self) -> None:
         if self.task is not None and not self.task.done():
             self.task.cancel()
 
 
-def _sse_error(error: ModelfleetError) -> bytes:
+def _sse_error(call: Call, error: ModelfleetError) -> bytes:
+    call.marks.error(error)
     return b"data: " + json.dumps(error.body(), separators=(",", ":")).encode() + b"\n\n"

@@ -52,6 +52,13 @@ from modelfleet.ids import new_id
 from modelfleet.keys import Principal
 from modelfleet.ledger import Ledger
 from modelfleet.metering import Metering
+from modelfleet.netguard import (
+    NOT_ALLOWED,
+    DestinationNotAllowed,
+    Guard,
+    Policy,
+    not_allowed,
+)
 from modelfleet.openai.images import ImageJob
 from modelfleet.scheduler import Lease
 from modelfleet.settings import JobSettings
@@ -180,6 +187,9 @@ class JobService:
         self.me = owner or owner_id()
         self.results_dir = results_dir
         self.signer = signer
+        # Webhooks connect only where the address policy allows (netguard).
+        self.guard = Guard(Policy.parse(settings.webhook_allow))
+        self._hooks: aiohttp.ClientSession | None = None
         self.clock = clock
         self.owner = TaskOwner("jobs")
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -471,7 +481,14 @@ class JobService:
                 "X-Modelfleet-Delivery": f"{row.id}-{attempt + 1}",
                 SIGNATURE_HEADER: self.signer.sign(row.project_id, body, timestamp),
             }
-            ok, detail = await self._post_hook(row.webhook_url, body, headers)
+            try:
+                ok, detail = await self._post_hook(row.webhook_url, body, headers)
+            except DestinationNotAllowed as exc:
+                # Not retried, and told the same way whatever is (or is not)
+                # listening there: failed, no attempts, "destination not allowed".
+                log.warning("webhook for job %s: destination not allowed (%s)", job_id, exc.reason)
+                await self._set_webhook(job_id, "failed", 0)
+                return
             attempt += 1
             await self._set_webhook(job_id, "delivered" if ok else "pending", attempt)
             if ok:
@@ -482,14 +499,21 @@ class JobService:
         await self._set_webhook(job_id, "failed", attempt)
 
     async def _post_hook(self, url: str, body: bytes, headers: dict[str, str]) -> tuple[bool, str]:
+        """One delivery attempt: (delivered, detail).  A 3xx is a failure (redirects
+        are not followed); DestinationNotAllowed when the guard refused to connect."""
+        self.guard.check_destination(url)
+        if self._hooks is None:
+            self._hooks = self.guard.session()
         try:
-            async with self.client.session.post(
+            async with self._hooks.post(
                 url, data=body, headers=headers, allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=self.settings.webhook_timeout_s),
             ) as resp:
                 await resp.read()
                 return 200 <= resp.status < 300, f"HTTP {resp.status}"
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            if (refused := not_allowed(exc)) is not None:
+                raise refused from None
             return False, str(exc) or type(exc).__name__
 
     async def _set_webhook(self, job_id: str, state: str, attempts: int) -> None:
@@ -590,6 +614,9 @@ class JobService:
         """Stop running jobs here; their leases end now, so another gateway (or
         this one after a restart) takes them at once."""
         await self.owner.close()
+        if self._hooks is not None:
+            await self._hooks.close()
+            self._hooks = None
         try:
             async with self.db.session() as session, session.begin():
                 await session.execute(update(Job).where(Job.lease_owner == self.me)
@@ -649,10 +676,18 @@ def job_view(row: Job, base_url: str) -> dict[str, Any]:
         "cost": row.cost,
         "error": {"code": row.error_code, "message": row.error_message}
         if row.error_code else None,
-        "webhook": {"url": row.webhook_url, "state": row.webhook_state,
-                    "attempts": row.webhook_attempts} if row.webhook_url else None,
+        "webhook": _webhook_view(row) if row.webhook_url else None,
     }
     return out
+
+
+def _webhook_view(row: Job) -> dict[str, Any]:
+    view: dict[str, Any] = {"url": row.webhook_url, "state": row.webhook_state,
+                            "attempts": row.webhook_attempts}
+    if row.webhook_state == "failed" and row.webhook_attempts == 0:
+        # never attempted: the address guard refused the destination
+        view["error"] = NOT_ALLOWED
+    return view
 
 
 def _ms(start: datetime | None, end: datetime | None) -> int | None:

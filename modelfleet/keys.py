@@ -131,7 +131,7 @@ class KeyService:
 
     async def ensure_project(self, name: str) -> tuple[str, bool]:
         """The project's id, and whether it was created now."""
-        if not _PROJECT_RE.match(name):
+        if not _PROJECT_RE.fullmatch(name):
             raise InvalidRequest(
                 "project names are 1-100 letters, digits, '.', '_' or '-'", param="project"
             )
@@ -172,6 +172,8 @@ class KeyService:
         expires_at: datetime | None = None,
     ) -> CreatedKey:
         scope_list = parse_scopes(scopes)
+        if any(not ch.isprintable() for ch in name):
+            raise InvalidRequest("key names must not contain control characters", param="name")
         if expires_at is not None and expires_at <= _now():
             raise InvalidRequest("expires_at must be in the future", param="expires_at")
         project_id, _ = await self.ensure_project(project)

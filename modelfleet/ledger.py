@@ -52,6 +52,8 @@ class _Settlement:
     usage: dict[str, Any]
     cost: int
     entry: dict[str, Any] | None = field(default=None)
+    # Resolved once the row is committed (a request whose answer waits for it).
+    written: asyncio.Future[None] | None = None
 
 
 # A shared store applies each entry once, so catch-up reads this far back to
@@ -74,6 +76,7 @@ class Ledger:
         self._own: set[str] = set()
         self._lock = asyncio.Lock()
         self._pending: list[_Settlement] = []
+        self._waiting = 0  # pending settlements whose answer waits for their commit
         self._unapplied: list[Posted] = []  # committed, not yet in the store (it was down)
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -138,7 +141,7 @@ class Ledger:
                 else:
                     posted.append(Posted(entry_id, project_id, int(amount), request_id))
                 self._watermark = max(self._watermark, int(seq))
-            await self.store.apply(posted)
+            await self._apply(posted)  # kept for a retry if the store is down
             self._version = version
 
     async def balance(self, project_id: str) -> tuple[int, int]:
@@ -159,9 +162,13 @@ class Ledger:
                 code="billing_unavailable",
             )
 
-    def record(self, usage: dict[str, Any], cost: int) -> None:
+    def record(self, usage: dict[str, Any], cost: int, *,
+               durable: bool = False) -> asyncio.Future[None] | None:
         """Queue a settled request's usage row (and its debit, if it cost
-        anything) for the writer."""
+        anything) for the writer.  ``durable``: returns a future resolved when
+        the row is committed, and the writer commits at once instead of
+        gathering for ``interval_s`` (rows that arrive meanwhile join the next
+        commit: a group commit without a timer)."""
         usage["cost"] = cost
         entry = None
         if cost:
@@ -169,9 +176,14 @@ class Ledger:
                      "kind": "usage", "reason": f"{usage['model_id']} {usage['status']}",
                      "request_id": usage["request_id"], "actor": usage["key_id"],
                      "created_at": usage["created_at"]}
-        self._pending.append(_Settlement(usage, cost, entry))
+        written: asyncio.Future[None] | None = None
+        if durable:
+            written = asyncio.get_running_loop().create_future()
+            self._waiting += 1
+        self._pending.append(_Settlement(usage, cost, entry, written))
         self._idle.clear()
         self._wake.set()
+        return written
 
     # -- the writer ----------------------------------------------------------------
 
@@ -183,7 +195,7 @@ class Ledger:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if self._interval and len(self._pending) < self._batch:
+            if self._interval and len(self._pending) < self._batch and not self._waiting:
                 await asyncio.sleep(self._interval)
             if self._unapplied:
                 async with self._lock:
@@ -199,6 +211,11 @@ class Ledger:
                     continue
                 self.failing = None
                 del self._pending[: len(batch)]
+                for settled in batch:
+                    if settled.written is not None:
+                        self._waiting -= 1
+                        if not settled.written.done():
+                            settled.written.set_result(None)
             self._idle.set()
 
     async def _write(self, batch: list[_Settlement]) -> None:

@@ -101,7 +101,7 @@ class Level:
 class Admission:
     """What one admitted request holds, and the headers that describe it."""
 
-    taken: list[tuple[Window, list[float]]]  # token windows and what was taken from them
+    taken: list[tuple[Window, list[float], str]]  # (window, what was taken, kind)
     counters: list[str]
     reserved_tokens: int
     headers: dict[str, str] = field(default_factory=dict)
@@ -158,12 +158,8 @@ class RateLimiter:
                         f"up to {amount} (prompt plus max output), which can never fit", None)
                 raise self._refused(plan, buckets, f"{unit}_per_minute_per_{scope}",
                                     f"{bucket.capacity} {unit} per minute per {scope}", wait)
-        taken = []
-        for window, kind, _scope in buckets:
-            if kind == "requests":
-                window.take(1)
-            else:
-                taken.append((window, window.take(tokens)))
+        taken = [(window, window.take(1 if kind == "requests" else tokens), kind)
+                 for window, kind, _scope in buckets]
         counters = [f"key:{key_id}", f"project:{project_id}"]
         for name in counters:
             self._active[name] = self._active.get(name, 0) + 1
@@ -180,8 +176,17 @@ class RateLimiter:
             self._active[name] = max(0, self._active.get(name, 0) - 1)
         unused = max(0, admission.reserved_tokens - used_tokens)
         if unused:
-            for window, entry in admission.taken:
-                window.give_back(entry, unused)
+            for window, entry, kind in admission.taken:
+                if kind == "tokens":
+                    window.give_back(entry, unused)
+
+    def undo(self, admission: Admission) -> None:
+        """Give back everything an admission took (it was refused for another
+        reason, such as credit, in the same step)."""
+        self.release(admission, 0)
+        for window, entry, kind in admission.taken:
+            if kind == "requests":
+                window.give_back(entry, 1)
 
     def active(self) -> int:
         """Concurrency counters taken now (0 when nothing runs)."""

@@ -13,6 +13,7 @@ What is charged: requests that succeeded, and streams the client left early
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -163,9 +164,11 @@ class Metering:
             await self.ledger.reload()
             return await self.store.admit(ask)
 
-    async def settle(self, ticket: Ticket, outcome: Outcome, key_id: str) -> int:
-        """Charge the actual cost (never above the hold) and queue the usage record;
-        returns the cost charged."""
+    async def settle(self, ticket: Ticket, outcome: Outcome, key_id: str, *,
+                     durable: bool = False) -> asyncio.Future[None] | None:
+        """Charge the actual cost (never above the hold) and queue the usage
+        record.  ``durable``: returns a future resolved when the record is
+        committed (an answer waits for it before its end is sent)."""
         usage = outcome.usage
         tokens_in = int(usage.get("prompt_tokens", 0))
         tokens_out = int(usage.get("completion_tokens", 0))
@@ -182,7 +185,7 @@ class Metering:
         except Exception as exc:  # the store gives the hold back when the debit is applied
             log.warning("request %s: could not settle with the admission store (%s)",
                         outcome.request_id, exc)
-        self.ledger.record({
+        return self.ledger.record({
             "request_id": outcome.request_id,
             "project_id": ask.project_id,
             "key_id": key_id,
@@ -195,5 +198,4 @@ class Metering:
             "total_ms": round((outcome.wait_s + outcome.run_s) * 1000),
             "created_at": datetime.now(UTC),
             "images": outcome.images,
-        }, cost)
-        return cost
+        }, cost, durable=durable)

@@ -34,6 +34,27 @@ LATENCY_BUCKETS: tuple[float, ...] = (
     1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 )  # fmt: skip
 
+#: Queue wait and total time: a request that waits for a cold start (minutes for a
+#: large model) or an async job that waits for a slot (up to an hour) still lands
+#: in a finite bucket.
+WAIT_BUCKETS: tuple[float, ...] = (*LATENCY_BUCKETS, 600.0, 1200.0, 3600.0)
+
+#: Time to first token: arrival to the first streamed token, queue wait and cold
+#: start included (vLLM's meaning), so it reaches minutes too.
+TTFT_BUCKETS: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75,
+    1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0,
+)  # fmt: skip
+
+#: Time per output token (inter-token latency of a stream).
+TPOT_BUCKETS: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.035, 0.05,
+    0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0,
+)  # fmt: skip
+
+#: The ``project`` label of the projects seen after the first ``max_projects``.
+OTHER_PROJECTS = "_other"  # project names start with a letter or digit: no clash
+
 #: Cold starts take from well under a second (tiny model, warm page cache) to minutes.
 COLD_START_BUCKETS: tuple[float, ...] = (
     0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
@@ -52,6 +73,7 @@ class ModelSnapshot:
     replicas_by_state: dict[str, int] = field(default_factory=dict)
     desired: int = 0
     available: bool = False
+    running: int = 0  # requests on this gateway's replicas (their slots in use)
 
 
 class _LiveCollector(Collector):
@@ -79,6 +101,16 @@ class _LiveCollector(Collector):
                 "1 if the model can serve requests (or wake to serve them), else 0.",
                 labels=["model"],
             ),
+            GaugeMetricFamily(
+                PREFIX + "requests_running",
+                "Requests running on the model's replicas (slots in use), as vLLM's num_requests_running.",
+                labels=["model"],
+            ),
+            GaugeMetricFamily(
+                PREFIX + "requests_waiting",
+                "Requests waiting for a slot (the queue), as vLLM's num_requests_waiting.",
+                labels=["model"],
+            ),
         )
 
     def describe(self) -> Iterable[Metric]:
@@ -86,7 +118,7 @@ class _LiveCollector(Collector):
         return self._families()
 
     def collect(self) -> Iterable[Metric]:
-        queue, replicas, desired, available = families = self._families()
+        queue, replicas, desired, available, running, waiting = families = self._families()
         snapshot = self.snapshot
         if snapshot is None:
             return families
@@ -103,6 +135,8 @@ class _LiveCollector(Collector):
                 replicas.add_metric([snap.model, state], float(counts.get(state, 0)))
             desired.add_metric([snap.model], float(snap.desired))
             available.add_metric([snap.model], 1.0 if snap.available else 0.0)
+            running.add_metric([snap.model], float(snap.running))
+            waiting.add_metric([snap.model], float(snap.queued))
         return families
 
 
@@ -111,9 +145,14 @@ def _histogram(name: str, doc: str, registry: CollectorRegistry, buckets: tuple[
 
 
 class Metrics:
-    """The gateway's metrics, in a registry of their own."""
+    """The gateway's metrics, in a registry of their own.
 
-    def __init__(self) -> None:
+    ``project`` labels are project names; the first ``max_projects`` distinct
+    names get their own label, later ones share ``_other`` (a bound on series)."""
+
+    def __init__(self, max_projects: int = 100) -> None:
+        self.max_projects = max_projects
+        self._projects: set[str] = set()
         self.registry = CollectorRegistry(auto_describe=False)
         reg = self.registry
         self._requests = Counter(
@@ -127,11 +166,29 @@ class Metrics:
             "wait_seconds",
             "Time a request waited in the queue before a replica took it.",
             reg,
-            LATENCY_BUCKETS,
+            WAIT_BUCKETS,
         )
         self._run = _histogram("run_seconds", "Time a replica spent on a request.", reg, LATENCY_BUCKETS)
         self._total = _histogram(
-            "total_seconds", "Queue wait plus run time of a request.", reg, LATENCY_BUCKETS
+            "total_seconds", "Queue wait plus run time of a request.", reg, WAIT_BUCKETS
+        )
+        self._ttft = _histogram(
+            "time_to_first_token_seconds",
+            "Streamed requests: arrival to the first token, queue wait and cold start included.",
+            reg,
+            TTFT_BUCKETS,
+        )
+        self._tpot = _histogram(
+            "time_per_output_token_seconds",
+            "Streamed requests: time between output tokens after the first one.",
+            reg,
+            TPOT_BUCKETS,
+        )
+        self._prompt_tokens = Counter(
+            PREFIX + "prompt_tokens", "Prompt (input) tokens processed.", ["model"], registry=reg
+        )
+        self._generation_tokens = Counter(
+            PREFIX + "generation_tokens", "Generated (output) tokens.", ["model"], registry=reg
         )
         self._tokens = Counter(
             PREFIX + "tokens",
@@ -171,21 +228,42 @@ class Metrics:
         run_s: float,
         input_tokens: int,
         output_tokens: int,
+        *,
+        ttft_s: float | None = None,
+        tpot_s: float | None = None,
     ) -> None:
-        """One request reached an outcome after being admitted to a queue."""
+        """One request reached an outcome after being admitted to a queue
+        (``ttft_s`` and ``tpot_s``: a stream's time to first token and time per
+        output token, when it produced them)."""
         wait_s, run_s = max(0.0, wait_s), max(0.0, run_s)
-        self._requests.labels(model, status, project).inc()
+        self._requests.labels(model, status, self.project_label(project)).inc()
         self._wait.labels(model).observe(wait_s)
         self._run.labels(model).observe(run_s)
         self._total.labels(model).observe(wait_s + run_s)
+        if ttft_s is not None:
+            self._ttft.labels(model).observe(max(0.0, ttft_s))
+        if tpot_s is not None:
+            self._tpot.labels(model).observe(max(0.0, tpot_s))
         if input_tokens > 0:
             self._tokens.labels(model, "input").inc(input_tokens)
+            self._prompt_tokens.labels(model).inc(input_tokens)
         if output_tokens > 0:
             self._tokens.labels(model, "output").inc(output_tokens)
+            self._generation_tokens.labels(model).inc(output_tokens)
 
     def request_rejected(self, model: str, project: str, http_status: int) -> None:
         """A request was refused before it was queued (status label ``rejected_<status>``)."""
-        self._requests.labels(model, f"rejected_{http_status}", project).inc()
+        self._requests.labels(model, f"rejected_{http_status}", self.project_label(project)).inc()
+
+    def project_label(self, project: str) -> str:
+        """``project`` itself while fewer than ``max_projects`` names have been
+        seen (or it is one of them), else ``_other``."""
+        if project in self._projects or not project:
+            return project
+        if len(self._projects) < self.max_projects:
+            self._projects.add(project)
+            return project
+        return OTHER_PROJECTS
 
     def scale_decision(self, model: str, before: int, after: int) -> None:
         """The autoscaler changed a model's desired replicas from ``before`` to ``after``.

@@ -3,6 +3,8 @@ path and reloaded whenever the store's version changes."""
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Any
@@ -59,6 +61,30 @@ class ProjectInfo:
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+# Plan names are path segments (/v1/admin/plans/{name}): the project-name alphabet.
+_PLAN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,49}")
+
+
+def check_label(value: str, param: str, max_chars: int) -> None:
+    """A free-text name shown in listings and logs (a key's name): at most
+    ``max_chars``, with no control or format characters (newlines, escapes,
+    bidirectional overrides, zero-width marks), which would forge log lines
+    or disguise the name.  400 naming ``param``."""
+    if len(value) > max_chars:
+        raise InvalidRequest(f"{param} is longer than {max_chars} characters", param=param)
+    bad = next((c for c in value if unicodedata.category(c)[0] == "C"
+                or c in "\u2028\u2029"), None)
+    if bad is not None:
+        raise InvalidRequest(f"{param} must not contain control characters (found "
+                             f"U+{ord(bad):04X})", param=param)
+
+
+def check_plan_name(name: str) -> None:
+    if not _PLAN_NAME.fullmatch(name):
+        raise InvalidRequest("plan names are 1-50 letters, digits, '.', '_' or '-', starting "
+                             "with a letter or digit", param="name")
 
 
 class ProjectService:
@@ -149,8 +175,7 @@ class ProjectService:
         return info
 
     async def set_plan(self, limits: PlanLimits) -> PlanLimits:
-        if not limits.name or len(limits.name) > 50:
-            raise InvalidRequest("plan names are 1-50 characters", param="name")
+        check_plan_name(limits.name)
         for name in LIMIT_FIELDS:
             value = getattr(limits, name)
             if value is not None and (not isinstance(value, int) or value < 1):

@@ -120,6 +120,13 @@ for i = 1, nb do
   if total + need > cap then return {-2, i, wait_ms(zk, hk, kind, total + need - cap, now), now} end
 end
 if amount > 0 then
+  -- a job taken over from a gateway that died: its old hold is released first
+  local prev = redis.call('HGET', KEYS[4], rid)
+  if prev then
+    local hp, ha = string.match(prev, '^(%S+) (%S+)')
+    redis.call('HINCRBY', KEYS[3], hp, -tonumber(ha))
+    redis.call('HDEL', KEYS[4], rid)
+  end
   local bal = tonumber(redis.call('HGET', KEYS[2], pid) or '0')
   local held = tonumber(redis.call('HGET', KEYS[3], pid) or '0')
   if amount > bal - held then return {-4, bal - held} end
@@ -477,3 +484,65 @@ def _levels(limits: list[tuple[str, str, int, str]], out: Sequence[Any], *,
         levels.append((Level(cap, cap - value if taken else value, float(out[2 * i + 1]) / 1000),
                        kind, scope))
     return levels
+
+
+class ChangeFeed:
+    """Admin changes (a key revoked, a plan, price or credit changed) fanned out
+    to every gateway over Redis pub/sub.
+
+    A process that commits such a change publishes on ``{mf}:changes``; every
+    gateway listening nudges its version probe, so its next request reloads
+    what it caches from the database, within milliseconds.  The probe's own
+    poll (``db.VersionProbe``, 0.25 s on PostgreSQL) stays as the safety net
+    for a lost message or a Redis outage.
+    """
+
+    def __init__(self, url: str, *, timeout_s: float = 0.4) -> None:
+        import redis.asyncio as aioredis
+
+        self.redis = aioredis.Redis.from_url(url, socket_timeout=timeout_s,
+                                             socket_connect_timeout=timeout_s,
+                                             decode_responses=True)
+        self._sent: set[asyncio.Task[None]] = set()
+        self._listener: asyncio.Task[None] | None = None
+
+    def changed(self) -> None:
+        """A change was committed here (called on the event loop, synchronously)."""
+        task = asyncio.get_running_loop().create_task(self._publish())
+        self._sent.add(task)
+        task.add_done_callback(self._sent.discard)
+
+    async def _publish(self) -> None:
+        try:
+            await self.redis.publish(CHANGES, "1")
+        except Exception as exc:  # the other gateways' poll still sees it
+            log.debug("could not publish a change: %s", exc)
+
+    def listen(self, on_change: Callable[[], None]) -> None:
+        self._listener = asyncio.get_running_loop().create_task(self._listen(on_change))
+
+    async def _listen(self, on_change: Callable[[], None]) -> None:
+        while True:
+            try:
+                async with self.redis.pubsub(ignore_subscribe_messages=True) as sub:
+                    await sub.subscribe(CHANGES)
+                    on_change()  # anything missed while not subscribed
+                    while True:
+                        message = await sub.get_message(timeout=1.0)
+                        if message is not None:
+                            on_change()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("change feed: %s; resubscribing", exc)
+                await asyncio.sleep(1.0)
+
+    async def close(self) -> None:
+        """Sends what is still being published, then stops listening."""
+        if self._sent:
+            await asyncio.wait(set(self._sent), timeout=1.0)
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self.redis.aclose()

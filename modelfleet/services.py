@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from modelfleet.admission import AdmissionStore, MemoryAdmission
 from modelfleet.catalog import Catalog, load_catalog
@@ -18,10 +19,14 @@ from modelfleet.keys import CreatedKey, KeyService, Scope
 from modelfleet.ledger import Ledger
 from modelfleet.metering import Metering
 from modelfleet.metrics import Metrics, ModelSnapshot
+from modelfleet.observe import Observer
 from modelfleet.projects import ProjectService
 from modelfleet.scheduler import Scheduler
 from modelfleet.settings import Settings
 from modelfleet.tasks import TaskOwner
+
+if TYPE_CHECKING:
+    from modelfleet.redisstore import ChangeFeed
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +89,8 @@ class Services:
     metrics: Metrics
     background: TaskOwner
     jobs: JobService
+    # Admin changes fanned out over Redis (with MODELFLEET_REDIS_URL).
+    feed: ChangeFeed | None = None
     # Called with the key made on first start, to show it once to the operator.
     on_bootstrap_key: Callable[[CreatedKey], None] = lambda key: None
 
@@ -98,9 +105,10 @@ class Services:
         projects = ProjectService(db, catalog)
         ledger = Ledger(db, admission_store(settings))
         metering = Metering(projects, ledger, enabled=settings.metering)
-        metrics = Metrics()
+        metrics = Metrics(max_projects=settings.observe.max_project_labels)
         gateway = Gateway(catalog, fleet, scheduler, client, metering, metrics,
-                          dispatch_retries=settings.fleet.dispatch_retries)
+                          dispatch_retries=settings.fleet.dispatch_retries,
+                          observer=Observer.from_settings(settings.observe))
         jobs = JobService(db=db, catalog=catalog, gateway=gateway, client=client,
                           metering=metering, ledger=ledger, settings=settings.jobs,
                           results_dir=settings.results_dir,
@@ -141,13 +149,20 @@ class Services:
             out.append(ModelSnapshot(model=model_id,
                                      queued=self.scheduler.queue(model_id).waiting,
                                      replicas_by_state=states, desired=pool.desired,
-                                     available=pool.availability()[0]))
+                                     available=pool.availability()[0],
+                                     running=sum(r.outstanding for r in pool.replicas)))
         return out
 
     async def start(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(migrate, self.settings.db_url)
         await self.ledger.store.start()
+        if self.settings.redis_url:
+            from modelfleet.redisstore import ChangeFeed
+
+            self.feed = ChangeFeed(self.settings.redis_url)
+            self.db.change_hooks.append(self.feed.changed)
+            self.feed.listen(self.watcher.probe.nudge)
         await self.watcher.start()
         if self.settings.bootstrap_default_key and await self.keys.count_projects() == 0 \
                 and (await self.keys.ensure_project("default"))[1]:
@@ -197,5 +212,7 @@ class Services:
         try:
             await self.keys.flush_last_used()
         finally:
+            if self.feed is not None:
+                await self.feed.close()
             await self.ledger.store.close()
             await self.db.close()

@@ -6,7 +6,8 @@ Only this module reads the environment (``MODELFLEET_*``).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,47 @@ class HttpSettings:
     port: int = 8000
     # Largest request body accepted before parsing, in bytes.
     max_body_bytes: int = 8 * 1024 * 1024
+    # Slow and idle clients (docs/deploy.md, "Slow clients"; env
+    # MODELFLEET_HTTP_<NAME>).  A request head (request line and headers)
+    # must arrive within header_timeout_s of the connection's start or of its
+    # first byte, and be at most max_header_bytes; a body within body_timeout_s
+    # of its head.  An idle keep-alive connection is closed after keep_alive_s.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    keep_alive_s: float = 5.0
+    max_header_bytes: int = 32 * 1024
+    # Open connections per gateway process: past it, idle keep-alive ones are
+    # closed first, then new requests get 503 too_many_connections.
+    max_connections: int = 2048
+    # A client that does not read: its connection's send buffer may hold
+    # write_buffer_bytes; when it stays full for write_timeout_s the connection
+    # is aborted (the request sees a disconnect and is cancelled).
+    write_buffer_bytes: int = 256 * 1024
+    write_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name in SLOW_CLIENT_FIELDS:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"http.{name} (MODELFLEET_HTTP_{name.upper()}) must be "
+                                 f"positive, got {getattr(self, name)!r}")
+
+
+# The HttpSettings fields read from MODELFLEET_HTTP_<NAME> (Settings.from_env).
+SLOW_CLIENT_FIELDS = ("header_timeout_s", "body_timeout_s", "keep_alive_s", "max_header_bytes",
+                      "max_connections", "write_buffer_bytes", "write_timeout_s")
+
+
+def _http_from_env() -> HttpSettings:
+    values: dict[str, Any] = {}
+    for name in SLOW_CLIENT_FIELDS:
+        if raw := os.environ.get(f"MODELFLEET_HTTP_{name.upper()}"):
+            try:
+                values[name] = int(raw) if name.endswith("_bytes") or name == "max_connections" \
+                    else float(raw)
+            except ValueError:
+                raise ValueError(f"MODELFLEET_HTTP_{name.upper()} must be a number, "
+                                 f"got {raw!r}") from None
+    return HttpSettings(**values)
 
 
 @dataclass(frozen=True)
@@ -71,6 +113,10 @@ class JobSettings:
     webhook_attempts: int = 6
     webhook_backoff_s: float = 1.0
     webhook_timeout_s: float = 10.0
+    # Internal destinations webhooks may reach on purpose (everything internal
+    # is refused otherwise; see modelfleet/netguard.py): CIDRs, addresses, host
+    # names, host:port.  MODELFLEET_WEBHOOK_ALLOW, comma-separated.
+    webhook_allow: tuple[str, ...] = ()
     # How often expired results are deleted.
     sweep_interval_s: float = 60.0
     # A gateway running a job renews its lease; a job whose lease has expired
@@ -78,6 +124,60 @@ class JobSettings:
     # claim_interval_s.
     lease_s: float = 15.0
     claim_interval_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class ObserveSettings:
+    """Logs, traces and metric labels (docs/operations.md).  Keys and prompts
+    are never logged: there is no setting that would."""
+
+    # "json" (one object per line) or "text"; None: text when stderr is a
+    # terminal, json otherwise.  MODELFLEET_LOG_FORMAT.
+    log_format: str | None = None
+    # One line per request on the logger modelfleet.requests (INFO).
+    # MODELFLEET_LOG_REQUESTS=off turns it off.
+    log_requests: bool = True
+    # Distinct project names given their own `project` metric label; the
+    # projects seen after them share the label "_other".
+    # MODELFLEET_METRICS_MAX_PROJECTS.
+    max_project_labels: int = 100
+    # OpenTelemetry traces: "otlp" (OTLP over HTTP), "console", or None (off,
+    # no cost).  From the standard variables: OTEL_EXPORTER_OTLP_ENDPOINT or
+    # OTEL_EXPORTER_OTLP_TRACES_ENDPOINT set means otlp; OTEL_TRACES_EXPORTER
+    # names one (none: off); OTEL_SDK_DISABLED=true turns it off.
+    traces_exporter: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.log_format not in (None, "json", "text"):
+            raise ValueError(f"log format must be json or text, got {self.log_format!r}")
+        if self.traces_exporter not in (None, "otlp", "console"):
+            raise ValueError(f"traces exporter must be otlp or console, got {self.traces_exporter!r}")
+        if self.max_project_labels < 0:
+            raise ValueError("max_project_labels must be 0 or more")
+
+
+def observe_from_env(env: Mapping[str, str]) -> ObserveSettings:
+    values: dict[str, Any] = {"traces_exporter": traces_exporter_from_env(env)}
+    if raw := env.get("MODELFLEET_LOG_FORMAT"):
+        values["log_format"] = raw.strip().lower()
+    if env.get("MODELFLEET_LOG_REQUESTS", "on").lower() in ("off", "0", "false", "no"):
+        values["log_requests"] = False
+    if raw := env.get("MODELFLEET_METRICS_MAX_PROJECTS"):
+        values["max_project_labels"] = int(raw)
+    return ObserveSettings(**values)
+
+
+def traces_exporter_from_env(env: Mapping[str, str]) -> str | None:
+    """Which span exporter the standard OTEL_* variables ask for (None: tracing off)."""
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return None
+    named = env.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if named:
+        first = named.split(",")[0].strip()
+        return None if first == "none" else first
+    if env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        return "otlp"
+    return None
 
 
 @dataclass(frozen=True)
@@ -101,6 +201,8 @@ class Settings:
     # nor recorded (keys are still required); for free internal deployments and
     # for the benchmark that measures what metering costs.
     metering: bool = True
+    # Logs, traces, metric labels.
+    observe: ObserveSettings = field(default_factory=ObserveSettings)
 
     @property
     def db_url(self) -> str:
@@ -119,6 +221,23 @@ class Settings:
     @property
     def results_dir(self) -> Path:
         return self.jobs.results_dir or self.data_dir / "results"
+
+    @classmethod
+    def for_worker_process(cls) -> tuple[Settings, str]:
+        """The settings (and log level) of one ``serve --workers N`` process,
+        from what the parent put in the environment: ``MODELFLEET_DATA_DIR``,
+        ``MODELFLEET_CATALOG``, ``MODELFLEET_HOST``, ``MODELFLEET_PORT`` and
+        ``MODELFLEET_LOG_LEVEL``, then what ``from_env`` reads.  The parent
+        migrated the store and made the first start's key, so no worker does."""
+        from modelfleet.catalog import DEFAULT_CATALOG
+
+        env = os.environ
+        settings = cls.from_env(data_dir=default_data_dir(),
+                                catalog_path=Path(env.get("MODELFLEET_CATALOG") or DEFAULT_CATALOG),
+                                bootstrap_default_key=False)
+        http = replace(settings.http, host=env.get("MODELFLEET_HOST", "127.0.0.1"),
+                       port=int(env.get("MODELFLEET_PORT", "8000")))
+        return replace(settings, http=http), env.get("MODELFLEET_LOG_LEVEL", "info")
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
@@ -142,8 +261,12 @@ class Settings:
                      "lease_s", "claim_interval_s"):
             if raw := os.environ.get(f"MODELFLEET_JOBS_{name.upper()}"):
                 jobs[name] = float(raw)
+        if raw := os.environ.get("MODELFLEET_WEBHOOK_ALLOW"):
+            jobs["webhook_allow"] = tuple(e.strip() for e in raw.split(",") if e.strip())
         values["jobs"] = JobSettings(**jobs)
+        values["http"] = _http_from_env()
         if os.environ.get("MODELFLEET_METERING", "on").lower() in ("off", "0", "false", "no"):
             values["metering"] = False
+        values["observe"] = observe_from_env(os.environ)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -92,6 +92,10 @@ class Replica:
         self.served = 0
         self.clock = clock
         self.last_active = clock()
+        # When something last came back from the worker (an answer, a stream
+        # chunk); a replica silent past its stall timeout is restarted.
+        self.last_output = clock()
+        self.silent_misses = 0  # requests in a row that passed their deadline with nothing back
         self.started_at = clock()
         self.ready_at: float | None = None
         self.failure: str | None = None
@@ -182,7 +186,7 @@ class Replica:
             await asyncio.sleep(delay)
             delay = min(delay * 1.2, 0.1)
         self.state = ReplicaState.ready
-        self.ready_at = self.last_active = self.clock()
+        self.ready_at = self.last_active = self.last_output = self.clock()
         log.info("replica %s ready in %.2fs", self.id, self.ready_at - self.started_at)
         self._exited = asyncio.Event()
 

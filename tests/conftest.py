@@ -64,6 +64,10 @@ def catalog_text(tmp: Path, *, warm: bool = True) -> str:
                   extra="[models.prices]\ninput_per_million = 1_000_000\n"
                         "output_per_million = 10_000_000\n")
             if warm else "",
+            _smol("test/finish-abandoned",
+                  scaling="min_replicas = 1\nrequest_timeout_s = 1.5\nconcurrency = 2\n"
+                          "finish_abandoned = true\nmax_run_s = 4.0")
+            if warm else "",
             _smol("test/queue-timeout", scaling="request_timeout_s = 0.2"),
             _smol("test/idle", scaling="idle_timeout_s = 1.0"),
             _smol("test/restart", scaling="concurrency = 2"),

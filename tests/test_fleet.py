@@ -128,35 +128,69 @@ def test_deadline_while_queued_is_504_and_cancelled(server: Server) -> None:
     assert err["code"] == "queue_timeout" and err["type"] == "timeout_error"
 
 
-def test_deadline_while_running_is_504_and_work_is_abandoned(server: Server) -> None:
+def test_deadline_while_running_is_504_and_the_work_is_stopped(server: Server) -> None:
     model = "test/running-timeout"  # min_replicas = 1, request_timeout_s = 1.5
     wait_for(lambda: runtime(server, model)["state"] == "ready", 60, "warm replica")
+    wait_for(lambda: runtime(server, model)["in_flight"] == 0, 60, "idle replica")
     started = time.monotonic()
-    resp = chat(server, model, max_tokens=500, metadata={"ignore_eos": True})
+    resp = chat(server, model, max_tokens=2000, metadata={"ignore_eos": True})
     elapsed = time.monotonic() - started
     assert resp.status_code == 504, resp.text
     assert resp.json()["error"]["code"] == "request_timeout"
+    assert "stopped on the worker" in resp.json()["error"]["message"]
     assert elapsed < 5
-    # the abandoned work still holds its slot on the worker while it finishes
-    assert replicas(server, model)[0]["outstanding"] == 1
-    assert runtime(server, model)["in_flight"] == 1
+    # the worker request was closed: its slot is free at once, on the worker too
+    wait_for(lambda: runtime(server, model)["in_flight"] == 0, 2, "the slot to be freed")
+    quick = time.monotonic()
+    assert chat(server, model, max_tokens=2).status_code == 200
+    assert time.monotonic() - quick < 1.5
 
 
-def test_deadline_mid_stream_ends_with_error_event_and_work_goes_on(server: Server) -> None:
+def test_deadline_mid_stream_ends_with_error_event_and_the_work_is_stopped(
+        server: Server) -> None:
     model = "test/running-timeout"  # request_timeout_s = 1.5
     wait_for(lambda: runtime(server, model)["in_flight"] == 0, 60, "idle replica")
     with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=30,
                       headers={"x-api-key": server.key},
                       json={"model": model, "messages": [{"role": "user", "content": "Go"}],
-                            "max_tokens": 500, "stream": True,
+                            "max_tokens": 2000, "stream": True,
                             "metadata": {"ignore_eos": True}}) as resp:
         assert resp.status_code == 200
         lines = [line for line in resp.iter_lines() if line.startswith("data:")]
     assert lines[-1] == "data: [DONE]"
     assert '"code":"request_timeout"' in lines[-2] and '"status":504' in lines[-2]
     assert len(lines) > 5  # tokens did stream before the deadline
-    # abandoned, not cancelled: the worker is still generating, holding its slot
+    wait_for(lambda: runtime(server, model)["in_flight"] == 0, 2, "the slot to be freed")
+
+
+def test_abandoned_work_may_finish_but_never_past_max_run_s(server: Server) -> None:
+    model = "test/finish-abandoned"  # finish_abandoned, request_timeout_s 1.5, max_run_s 4
+    wait_for(lambda: runtime(server, model)["state"] == "ready", 60, "warm replica")
+    started = time.monotonic()
+    resp = chat(server, model, max_tokens=4000, metadata={"ignore_eos": True})
+    assert resp.status_code == 504, resp.text
+    assert "may finish" in resp.json()["error"]["message"]
+    assert runtime(server, model)["in_flight"] == 1  # it goes on, holding its slot...
+    wait_for(lambda: runtime(server, model)["in_flight"] == 0, 10, "the cap")
+    took = time.monotonic() - started
+    assert 3.5 <= took <= 7.0, took  # ...until max_run_s, not until its 4000 tokens
+    with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=30,
+                      headers={"x-api-key": server.key},
+                      json={"model": model, "messages": [{"role": "user", "content": "Go"}],
+                            "max_tokens": 4000, "stream": True,
+                            "metadata": {"ignore_eos": True}}) as stream:
+        lines = [line for line in stream.iter_lines() if line.startswith("data:")]
+    assert '"code":"request_timeout"' in lines[-2]
     assert runtime(server, model)["in_flight"] == 1
+    wait_for(lambda: runtime(server, model)["in_flight"] == 0, 10, "the stream's cap")
+
+
+def test_a_client_that_leaves_a_non_streamed_request_stops_it(server: Server) -> None:
+    model = "test/running-timeout"
+    wait_for(lambda: runtime(server, model)["in_flight"] == 0, 60, "idle replica")
+    with pytest.raises(httpx.ReadTimeout):
+        chat(server, model, timeout=0.6, max_tokens=2000, metadata={"ignore_eos": True})
+    wait_for(lambda: runtime(server, model)["in_flight"] == 0, 2, "the slot to be freed")
 
 
 def test_model_that_cannot_start_gets_503_with_reason(server: Server) -> None:

@@ -90,7 +90,9 @@ def _start(tmp: Path, cli: bool = False) -> Server:
         build_tiny_pipeline(tmp / "data" / "models" / "modelfleet-tiny-random-sd")
     assert (tmp / "data" / "models" / "modelfleet-tiny-random-sd" / "model_index.json").is_file()
     return launch_server(tmp, DEFAULT_CATALOG.read_text(),
-                         env={"MODELFLEET_JOBS_WEBHOOK_BACKOFF_S": "0.2"})
+                         env={"MODELFLEET_JOBS_WEBHOOK_BACKOFF_S": "0.2",
+                              # the test's receiver is on loopback: allowed on purpose
+                              "MODELFLEET_WEBHOOK_ALLOW": "127.0.0.1"})
 
 
 @pytest.fixture(scope="module")

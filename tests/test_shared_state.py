@@ -146,6 +146,9 @@ async def test_a_refused_admission_takes_nothing(store: AdmissionStore) -> None:
     with pytest.raises(InsufficientCredits):
         await store.admit(ask("r", amount=5000))
     assert await store.balance("p") == (1000, 0)
+    peek = await store.peek(PLAN, "k", "p")  # the refusal used up no request, no token
+    assert peek["x-ratelimit-remaining-requests"] == "5"
+    assert peek["x-ratelimit-remaining-tokens"] == "1000"
     held = await store.admit(ask("job", amount=300, counted=False))  # a job's run: hold only
     assert held.headers == {}
     await store.settle(held, used_tokens=0, cost=0)
@@ -218,6 +221,26 @@ async def test_holds_of_a_dead_gateway_are_swept(redis_url: str) -> None:
 
         assert await alive.sweep(committed) == 2
         assert await alive.balance("p") == (880, 0)
+        assert await alive.totals() == (0, 0)
+    finally:
+        await alive.close()
+
+
+async def test_a_job_taken_over_replaces_the_dead_gateways_hold(redis_url: str) -> None:
+    """A job re-admitted under the same id by the gateway that took it over
+    holds once, not twice (the dead one's hold is released in the same step)."""
+    dead, alive = RedisAdmission(redis_url), RedisAdmission(redis_url)
+    await dead.start()
+    await alive.start()
+    await alive.load({"p": 1000})
+    await dead.admit(ask("job", amount=300, counted=False))
+    await dead.close()
+    try:
+        again = await alive.admit(ask("job", amount=300, counted=False))
+        assert await alive.balance("p") == (1000, 300)
+        await alive.settle(again, used_tokens=0, cost=200)
+        await alive.apply([Posted("e", "p", -200, "job")])
+        assert await alive.balance("p") == (800, 0)
         assert await alive.totals() == (0, 0)
     finally:
         await alive.close()

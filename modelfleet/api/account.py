@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from modelfleet import reports
+from modelfleet.api import openapi_doc
 from modelfleet.api.auth import require
 from modelfleet.errors import InvalidRequest, NotFound, PermissionDenied
 from modelfleet.keys import Scope
@@ -41,13 +42,15 @@ def router(services: Services) -> APIRouter:
             raise missing
         return project_id
 
-    @api.get("/v1/projects/{project_id}/balance", tags=["account"])
+    @api.get("/v1/projects/{project_id}/balance", tags=["account"],
+             responses=openapi_doc.errors(404, scope="read"))
     async def balance(project_id: str, request: Request) -> dict[str, Any]:
         """Balance, held (reserved for running requests) and available, in micro-units."""
         pid = await project_for(request, project_id)
         return {"object": "balance", "project_id": pid, **(await services.ledger.money(pid))}
 
-    @api.get("/v1/projects/{project_id}/ledger", tags=["account"])
+    @api.get("/v1/projects/{project_id}/ledger", tags=["account"],
+             responses=openapi_doc.errors(400, 404, scope="read"))
     async def ledger(project_id: str, request: Request, limit: int = 100,
                      before_seq: int | None = None) -> dict[str, Any]:
         """Ledger entries, newest first; page back with ``before_seq``."""
@@ -62,7 +65,8 @@ def router(services: Services) -> APIRouter:
         return {"object": "list", "project_id": pid, "data": rows, "has_more": has_more,
                 "next_before_seq": rows[-1]["seq"] if has_more else None}
 
-    @api.get("/v1/projects/{project_id}/usage", tags=["account"])
+    @api.get("/v1/projects/{project_id}/usage", tags=["account"],
+             responses=openapi_doc.errors(400, 404, scope="read"))
     async def usage(project_id: str, request: Request, group: str = "day",
                     key_id: str | None = None, since: str | None = None,
                     until: str | None = None) -> dict[str, Any]:
@@ -81,7 +85,8 @@ def router(services: Services) -> APIRouter:
                 "data": rows[:MAX_GROUPS], "truncated": len(rows) > MAX_GROUPS,
                 "totals": totals}
 
-    @api.get("/v1/projects/{project_id}/keys", tags=["account"])
+    @api.get("/v1/projects/{project_id}/keys", tags=["account"],
+             responses=openapi_doc.errors(404, scope="read"))
     async def keys(project_id: str, request: Request) -> dict[str, Any]:
         """The project's keys: prefixes, scopes and state, never a secret."""
         pid = await project_for(request, project_id)

@@ -9,6 +9,7 @@ services, which bump the store version so every server process reloads.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,16 +17,18 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from modelfleet import reports
+from modelfleet.api import openapi_doc
 from modelfleet.api.auth import require
 from modelfleet.api.http import read_body
 from modelfleet.errors import Conflict, InvalidRequest, ModelNotFound, NotFound
 from modelfleet.keys import Principal, Scope
 from modelfleet.ledger import MAX_AMOUNT
 from modelfleet.openai.common import Strict, parse_body
-from modelfleet.projects import LIMIT_FIELDS, PlanLimits, ProjectInfo
+from modelfleet.projects import LIMIT_FIELDS, PlanLimits, ProjectInfo, check_label
 from modelfleet.services import Services
 
 BODY_LIMIT = 64 * 1024
+PROJECT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 MAX_EXPIRY_S = 10 * 366 * 86400  # keys may be made to expire within ten years
 INT32_MAX = 2**31 - 1
 
@@ -84,6 +87,13 @@ class PriceBody(Strict):
 def _openapi(model: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {
         "application/json": {"schema": model.model_json_schema()}}}}
+
+
+def check_project_name(name: str) -> None:
+    """The project-name alphabet, matched whole (a trailing newline is refused too)."""
+    if not PROJECT_NAME.fullmatch(name):
+        raise InvalidRequest("project names are 1-100 letters, digits, '.', '_' or '-', "
+                             "starting with a letter or digit", param="name")
 
 
 def _parse_expiry(body: KeyCreate) -> datetime | None:
@@ -158,6 +168,7 @@ class AdminRoutes:
         """Create a project, optionally on a plan and limited to some models."""
         await self.admin(request)
         body: ProjectCreate = await self.body_of(request, ProjectCreate)
+        check_project_name(body.name)
         self.check_plan(body.plan)  # everything is checked before anything is written
         self.check_models(body.models)
         if self.projects.by_name(body.name) is not None:
@@ -203,6 +214,7 @@ class AdminRoutes:
         await self.admin(request)
         info = self.project_of(project_id)
         body: KeyCreate = await self.body_of(request, KeyCreate)
+        check_label(body.name, "name", 100)
         expires = _parse_expiry(body)
         created = await self.services.keys.create(info.name, body.scopes, name=body.name,
                                                   expires_at=expires)
@@ -326,23 +338,26 @@ class AdminRoutes:
 def router(services: Services) -> APIRouter:
     api = APIRouter(prefix="/v1/admin", tags=["admin"])
     h = AdminRoutes(services)
-    routes: list[tuple[str, str, Any, int, type[BaseModel] | None]] = [
-        ("POST", "/projects", h.create_project, 201, ProjectCreate),
-        ("GET", "/projects", h.list_projects, 200, None),
-        ("GET", "/projects/{project_id}", h.get_project, 200, None),
-        ("PATCH", "/projects/{project_id}", h.patch_project, 200, ProjectPatch),
-        ("POST", "/projects/{project_id}/keys", h.create_key, 201, KeyCreate),
-        ("GET", "/projects/{project_id}/keys", h.list_keys, 200, None),
-        ("POST", "/keys/{key_id}/revoke", h.revoke_key, 200, None),
-        ("POST", "/keys/{key_id}/rotate", h.rotate_key, 201, KeyRotate),
-        ("POST", "/projects/{project_id}/credits", h.top_up, 201, TopUp),
-        ("POST", "/projects/{project_id}/adjustments", h.adjust, 201, Adjustment),
-        ("GET", "/plans", h.list_plans, 200, None),
-        ("PUT", "/plans/{name}", h.put_plan, 200, PlanBody),
-        ("GET", "/prices", h.list_prices, 200, None),
-        ("PUT", "/prices/{model_id:path}", h.put_price, 200, PriceBody),
+    body_errors = (400, 413, 422)  # a body: its values (400), size (413), shape (422)
+    routes: list[tuple[str, str, Any, int, type[BaseModel] | None, tuple[int, ...]]] = [
+        ("POST", "/projects", h.create_project, 201, ProjectCreate, (*body_errors, 409)),
+        ("GET", "/projects", h.list_projects, 200, None, ()),
+        ("GET", "/projects/{project_id}", h.get_project, 200, None, (404,)),
+        ("PATCH", "/projects/{project_id}", h.patch_project, 200, ProjectPatch, (*body_errors, 404)),
+        ("POST", "/projects/{project_id}/keys", h.create_key, 201, KeyCreate, (*body_errors, 404)),
+        ("GET", "/projects/{project_id}/keys", h.list_keys, 200, None, (404,)),
+        ("POST", "/keys/{key_id}/revoke", h.revoke_key, 200, None, (404,)),
+        ("POST", "/keys/{key_id}/rotate", h.rotate_key, 201, KeyRotate, (*body_errors, 404)),
+        ("POST", "/projects/{project_id}/credits", h.top_up, 201, TopUp, (*body_errors, 404)),
+        ("POST", "/projects/{project_id}/adjustments", h.adjust, 201, Adjustment,
+         (*body_errors, 404)),
+        ("GET", "/plans", h.list_plans, 200, None, ()),
+        ("PUT", "/plans/{name}", h.put_plan, 200, PlanBody, body_errors),
+        ("GET", "/prices", h.list_prices, 200, None, ()),
+        ("PUT", "/prices/{model_id:path}", h.put_price, 200, PriceBody, (*body_errors, 404)),
     ]
-    for method, path, endpoint, status, body in routes:
+    for method, path, endpoint, status, body, statuses in routes:
         api.add_api_route(path, endpoint, methods=[method], status_code=status,
-                          openapi_extra=_openapi(body) if body else None)
+                          openapi_extra=_openapi(body) if body else None,
+                          responses=openapi_doc.errors(*statuses, scope="admin"))
     return api

@@ -11,9 +11,19 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from modelfleet import __version__
-from modelfleet.api import account, admin, catalog_routes, errors, images, inference, metrics_route
-from modelfleet.api.http import RequestIdMiddleware
+from modelfleet.api import (
+    account,
+    admin,
+    catalog_routes,
+    errors,
+    images,
+    inference,
+    metrics_route,
+    openapi_doc,
+)
+from modelfleet.api.http import REQUEST_ID, RequestIdMiddleware
 from modelfleet.errors import ModelfleetError
+from modelfleet.observe import AccessLog, configure_logging
 from modelfleet.services import Services
 from modelfleet.settings import Settings
 
@@ -74,12 +84,15 @@ def create_app(settings: Settings, services: Services | None = None) -> ASGIApp:
     app.include_router(metrics_route.router(services.metrics))
     app.include_router(admin.router(services))
     app.include_router(account.router(services))
+    openapi_doc.install(app)
 
     @app.get("/health", include_in_schema=False)
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    return RequestIdMiddleware(FastPath(app, handlers))
+    # one log line per request (observe.py): the gateway writes it, or AccessLog does
+    return RequestIdMiddleware(AccessLog(FastPath(app, handlers), services.gateway.observer,
+                                         REQUEST_ID))
 
 
 def create_app_from_env() -> ASGIApp:
@@ -89,20 +102,6 @@ def create_app_from_env() -> ASGIApp:
     ``MODELFLEET_HOST``, ``MODELFLEET_PORT``, ``MODELFLEET_LOG_LEVEL``, then
     what ``Settings.from_env`` reads).  The parent migrated the store and made
     the first start's key, so no worker does."""
-    import os
-    from pathlib import Path
-
-    from modelfleet.catalog import DEFAULT_CATALOG
-    from modelfleet.settings import HttpSettings, default_data_dir
-
-    env = os.environ
-    logging.basicConfig(level=env.get("MODELFLEET_LOG_LEVEL", "info").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = Settings.from_env(
-        data_dir=default_data_dir(),
-        catalog_path=Path(env.get("MODELFLEET_CATALOG") or DEFAULT_CATALOG),
-        http=HttpSettings(host=env.get("MODELFLEET_HOST", "127.0.0.1"),
-                          port=int(env.get("MODELFLEET_PORT", "8000"))),
-        bootstrap_default_key=False,
-    )
+    settings, log_level = Settings.for_worker_process()
+    configure_logging(log_level, settings.observe.log_format)
     return create_app(settings)

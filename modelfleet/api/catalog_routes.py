@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from modelfleet.api import openapi_doc
 from modelfleet.api.auth import require
 from modelfleet.catalog import ModelKind, ModelSpec
 from modelfleet.errors import ModelNotFound
@@ -110,14 +111,15 @@ def router(services: Services) -> APIRouter:
         info = services.projects.project(principal.project_id)
         return info is None or info.may_use(spec.id)
 
-    @api.get("/v1/models", tags=["models"])
+    @api.get("/v1/models", tags=["models"], responses=openapi_doc.errors(scope="any"))
     async def list_models(request: Request) -> dict[str, Any]:
         """The models this key's project may use (its deployed models, or all)."""
         principal = await require(services, request, None)
         return {"object": "list",
                 "data": [view.openai_model(s) for s in catalog if visible(principal, s)]}
 
-    @api.get("/v1/models/{model_id:path}", tags=["models"])
+    @api.get("/v1/models/{model_id:path}", tags=["models"],
+             responses=openapi_doc.errors(404, scope="any"))
     async def get_model(model_id: str, request: Request) -> dict[str, Any]:
         principal = await require(services, request, None)
         spec = catalog.resolve(model_id)
@@ -161,7 +163,7 @@ def fleet_router(services: Services) -> APIRouter:
     api = APIRouter()
     catalog = services.catalog
 
-    @api.get("/v1/admin/replicas", tags=["admin"])
+    @api.get("/v1/admin/replicas", tags=["admin"], responses=openapi_doc.errors(scope="admin"))
     async def replicas(request: Request) -> dict[str, Any]:
         """Every replica with its process, port and load (admin scope)."""
         await require(services, request, Scope.admin)
@@ -176,7 +178,8 @@ def fleet_router(services: Services) -> APIRouter:
         return {"replicas": rows, "scale_events": [e.__dict__ for e in services.fleet.events()],
                 "fleet": services.fleet.share.describe()}
 
-    @api.get("/v1/admin/scale-events", tags=["admin"])
+    @api.get("/v1/admin/scale-events", tags=["admin"],
+             responses=openapi_doc.errors(404, scope="admin"))
     async def scale_events(request: Request, model: str | None = None) -> dict[str, Any]:
         """Every autoscaler decision: time, model, from, to, reason (admin scope)."""
         await require(services, request, Scope.admin)

@@ -33,7 +33,8 @@ def install(app: FastAPI) -> None:
         if exc.status_code == 404:
             return render(NotFound(f"no route for {request.method} {request.url.path}"))
         if exc.status_code == 405:
-            return render(MethodNotAllowed(f"{request.method} is not allowed here"))
+            return render(MethodNotAllowed(f"{request.method} is not allowed here",
+                                           headers=dict(exc.headers or {})))
         error = ModelfleetError(str(exc.detail), code=f"http_{exc.status_code}")
         response = render(error)
         response.status_code = exc.status_code

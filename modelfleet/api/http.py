@@ -7,13 +7,36 @@ from typing import Any
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from modelfleet.errors import RequestTooLarge
+from modelfleet.errors import InvalidRequest, RequestTooLarge
 from modelfleet.ids import new_id
 
 REQUEST_ID = "modelfleet.request_id"
 
 
+def check_json_content_type(request: Request) -> None:
+    """Every route with a body takes JSON: a ``Content-Type`` other than
+    ``application/json`` (with, at most, ``charset=utf-8``) is 400
+    ``unsupported_content_type``.  A request without the header is read as JSON."""
+    header = request.headers.get("content-type")
+    if header is None:
+        return
+    media, *params = header.split(";")
+    ok = media.strip().lower() == "application/json"
+    for param in params:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset" and value.strip().strip('"').lower() != "utf-8":
+            ok = False
+    if not ok:
+        raise InvalidRequest(
+            f"Content-Type must be application/json, got {header[:100]!r} (curl: add "
+            "-H 'Content-Type: application/json')", param="Content-Type",
+            code="unsupported_content_type")
+
+
 async def read_body(request: Request, limit: int) -> bytes:
+    """The body of a JSON request, after its content type was checked (400)
+    and while its size stays within ``limit`` (413)."""
+    check_json_content_type(request)
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestTooLarge(f"request body is larger than {limit} bytes")

@@ -19,6 +19,7 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from modelfleet.api import openapi_doc
 from modelfleet.api.auth import require
 from modelfleet.api.http import read_body
 from modelfleet.api.inference import _openapi_body
@@ -86,7 +87,9 @@ def router(services: Services) -> APIRouter:
                                       "X-Backend": spec.backend}
 
     @api.post("/v1/inference/image", tags=["images"], status_code=202,
-              openapi_extra=_openapi_body(ImageJobRequest))
+              openapi_extra=_openapi_body(ImageJobRequest),
+              responses=openapi_doc.errors(400, 404, 413, 422, 503, scope="inference",
+                                           rate_limited=True, billed=True))
     async def submit_image(request: Request) -> Response:
         """Enqueue an image job; answers at once with its id and result URL."""
         _, row, _, headers = await accept(request, ImageJobRequest, native_job)
@@ -96,7 +99,9 @@ def router(services: Services) -> APIRouter:
                      202, {**headers, "Location": view["url"]})
 
     @api.post("/v1/images/generations", tags=["images"],
-              openapi_extra=_openapi_body(OpenAIImageRequest))
+              openapi_extra=_openapi_body(OpenAIImageRequest),
+              responses=openapi_doc.errors(400, 404, 409, 413, 422, 502, 503, 504,
+                                           scope="inference", rate_limited=True, billed=True))
     async def generations(request: Request) -> Response:
         """OpenAI's image generation: runs one job and waits for it."""
         principal, row, body, headers = await accept(request, OpenAIImageRequest, openai_job)
@@ -117,7 +122,7 @@ def jobs_router(services: Services) -> APIRouter:
     api = APIRouter()
     jobs = services.jobs
 
-    @api.get("/v1/inference/jobs", tags=["images"])
+    @api.get("/v1/inference/jobs", tags=["images"], responses=openapi_doc.errors(400, scope="any"))
     async def list_jobs(request: Request, status: str | None = None, limit: int = 20) -> Response:
         """This project's jobs, newest first."""
         principal = await require(services, request, None)
@@ -128,13 +133,15 @@ def jobs_router(services: Services) -> APIRouter:
         rows = await jobs.list(principal, status, limit)
         return _json({"object": "list", "data": [job_view(r, str(request.base_url)) for r in rows]})
 
-    @api.get("/v1/inference/jobs/{job_id}", tags=["images"])
+    @api.get("/v1/inference/jobs/{job_id}", tags=["images"],
+             responses=openapi_doc.errors(404, scope="any"))
     async def get_job(job_id: str, request: Request) -> Response:
         """Status, timings, error and result URLs of one job of this project."""
         principal = await require(services, request, None)
         return _json(job_view(await jobs.get(principal, job_id), str(request.base_url)))
 
-    @api.post("/v1/inference/jobs/{job_id}/cancel", tags=["images"])
+    @api.post("/v1/inference/jobs/{job_id}/cancel", tags=["images"],
+              responses=openapi_doc.errors(404, 409, scope="inference"))
     async def cancel_job(job_id: str, request: Request) -> Response:
         """Cancel a queued job (409 once it runs); a cancelled job costs nothing."""
         principal = await require(services, request, Scope.inference)
@@ -146,16 +153,19 @@ def jobs_router(services: Services) -> APIRouter:
         return Response(png, media_type="image/png",
                         headers={"Cache-Control": "private, max-age=3600"})
 
-    @api.get("/v1/inference/jobs/{job_id}/result", tags=["images"])
+    @api.get("/v1/inference/jobs/{job_id}/result", tags=["images"], response_class=Response,
+             responses={**openapi_doc.PNG, **openapi_doc.errors(404, 409, scope="any")})
     async def get_result(job_id: str, request: Request) -> Response:
         """The job's (first) image, as PNG; only to a key of the owning project."""
         return await result(job_id, 0, request)
 
-    @api.get("/v1/inference/jobs/{job_id}/result/{index}", tags=["images"])
+    @api.get("/v1/inference/jobs/{job_id}/result/{index}", tags=["images"], response_class=Response,
+             responses={**openapi_doc.PNG, **openapi_doc.errors(404, 409, scope="any")})
     async def get_result_n(job_id: str, index: int, request: Request) -> Response:
         return await result(job_id, index, request)
 
-    @api.get("/v1/inference/webhook-secret", tags=["images"])
+    @api.get("/v1/inference/webhook-secret", tags=["images"],
+             responses=openapi_doc.errors(scope="any"))
     async def webhook_secret(request: Request) -> Response:
         """The secret this project's webhooks are signed with (see docs/jobs.md)."""
         principal = await require(services, request, None)

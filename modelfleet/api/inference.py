@@ -8,6 +8,7 @@ settles the request in that same task on the event loop."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -19,14 +20,15 @@ from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 from starlette.types import Message, Receive, Scope, Send
 
-from modelfleet.api import errors
+from modelfleet.api import errors, openapi_doc
 from modelfleet.api.auth import require
-from modelfleet.api.http import read_body, request_id
+from modelfleet.api.http import presented_key, read_body, request_id
 from modelfleet.catalog import ModelSpec
 from modelfleet.errors import ModelfleetError, RequestTooLarge
 from modelfleet.gateway import Call
 from modelfleet.keys import Principal
 from modelfleet.keys import Scope as KeyScope
+from modelfleet.observe import key_prefix, rejected_record
 from modelfleet.openai import chat, completions, embeddings
 from modelfleet.openai.common import parse_body
 from modelfleet.services import Services
@@ -76,8 +78,13 @@ class OwnedResponse(Response):
             await send(message)
 
         call = self.call
+        # A non-streamed request: a client that goes away while it waits or runs
+        # cancels it (the worker request is stopped); a stream notices by itself.
+        watch = None if call.stream else _Watch(receive, call)
         try:
             async with self.services.gateway.handle(call) as answer:
+                if watch is not None:
+                    watch.stop()
                 headers = {**call.rate_headers, **call.headers()}
                 response: Response
                 if answer.events is not None:
@@ -90,13 +97,18 @@ class OwnedResponse(Response):
                 await response(scope, receive, tracked)
         except ClientDisconnect:
             return  # the client left; the request was settled as it ended
+        except asyncio.CancelledError:
+            if watch is None or not watch.fired:
+                raise
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            return  # the client left; the request was cancelled and settled
         except ModelfleetError as exc:
             if started:
                 return
             exc.headers = {**call.rate_headers, **(await rate_headers(
                 self.services, self.principal, exc)), **call.headers(), **exc.headers}
-            if call.ticket is None:
-                self.services.metrics.request_rejected(call.spec.id, self.principal.project_id,
+            if call.admit is not None and call.ticket is None:  # refused at admission
+                self.services.metrics.request_rejected(call.spec.id, self.principal.project_name,
                                                        exc.status)
             await errors.render(exc)(scope, receive, send)
         except Exception as exc:
@@ -104,6 +116,36 @@ class OwnedResponse(Response):
                 raise
             log.error("request %s failed", call.request_id, exc_info=exc)
             await errors.render(ModelfleetError("internal server error"))(scope, receive, send)
+        finally:
+            if watch is not None:
+                watch.stop()
+
+
+class _Watch:
+    """Cancels the task serving a request when its client disconnects (the
+    body was read already, so the next message is the disconnect), while the
+    request waits or runs: never once its settlement began."""
+
+    __slots__ = ("_task", "fired")
+
+    def __init__(self, receive: Receive, call: Call) -> None:
+        self.fired = False
+        self._task: asyncio.Task[None] | None = asyncio.get_running_loop().create_task(
+            self._wait(receive, call, asyncio.current_task()))
+
+    async def _wait(self, receive: Receive, call: Call, owner: asyncio.Task[Any] | None) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        # The owner is suspended at an await of the phase it is in: if that
+        # phase may be cancelled, the cancellation lands there.
+        if owner is not None and self._task is not None and call.cancellable:
+            self.fired = True
+            owner.cancel()
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -157,7 +199,10 @@ def router(services: Services, handlers: dict[str, Handler] | None = None) -> AP
             exc.headers = {**(await rate_headers(services, principal, exc)), **headers,
                            **exc.headers}
             services.metrics.request_rejected(headers.get("X-Model-Used", "unknown"),
-                                              principal.project_id, exc.status)
+                                              principal.project_name, exc.status)
+            gateway.observer.rejected(rejected_record(
+                request_id(request), principal, principal.project_name,
+                headers.get("X-Model-Used", "unknown"), path, exc, key_prefix(presented_key(request))))
             raise
         call = Call(
             request_id=request_id(request),
@@ -170,6 +215,8 @@ def router(services: Services, handlers: dict[str, Handler] | None = None) -> AP
             include_usage=bool(body.stream_options and body.stream_options.include_usage),
             encoding_format=getattr(body, "encoding_format", None) or "float",
             claim=metering.claim(principal, payload),
+            key_prefix=key_prefix(presented_key(request)),
+            settle_before_end=True,
         )
         if metering.enabled:
             ask, prices = metering.ask(call.request_id, principal, spec, payload, max_tokens)
@@ -194,5 +241,10 @@ def router(services: Services, handlers: dict[str, Handler] | None = None) -> AP
 
         handlers[path] = endpoint
         api.add_api_route(path, _fastapi_endpoint(endpoint), methods=["POST"], tags=["inference"],
-                          openapi_extra=_openapi_body(model), name=path.rsplit("/", 1)[-1])
+                          openapi_extra=_openapi_body(model), name=path.rsplit("/", 1)[-1],
+                          responses={**openapi_doc.errors(400, 404, 413, 422, 502, 503, 504,
+                                                          scope="inference", rate_limited=True,
+                                                          billed=True),
+                                     **(openapi_doc.EVENT_STREAM if path != "/v1/embeddings"
+                                        else {})})
     return api

@@ -6,8 +6,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from modelfleet.catalog import ModelKind, ModelSpec
+from modelfleet.catalog import Limits, ModelKind, ModelSpec
 from modelfleet.errors import ImageInputNotSupported, InvalidRequest
+from modelfleet.openai import bounds
 from modelfleet.openai.common import (
     Float,
     Int64,
@@ -21,6 +22,7 @@ from modelfleet.openai.common import (
     require_kind,
     sampling_payload,
 )
+from modelfleet.openai.schemas import check_response_schema, check_tool_parameters
 
 
 class _Lenient(BaseModel):
@@ -181,6 +183,12 @@ def _check_messages(spec: ModelSpec, messages: list[Message]) -> None:
                         "are not supported",
                         param=f"messages.{i}.content",
                     )
+                if isinstance(part, ImagePart) and not part.image_url.url.startswith("data:"):
+                    # a worker would fetch a URL itself, past the platform's outbound guard
+                    raise InvalidRequest(
+                        "image_url must be a data: URL (base64); the platform does not "
+                        "fetch images by URL", param=f"messages.{i}.content",
+                        code="image_url_not_allowed")
                 if isinstance(part, OtherPart):
                     raise InvalidRequest(
                         f"content parts of type {part.type!r} are not supported",
@@ -215,6 +223,35 @@ def _check_capabilities(spec: ModelSpec, body: ChatRequest) -> None:
             raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
 
 
+def _check_tools(limits: Limits, tools: list[Tool]) -> None:
+    """Tools become prompt text and, for tool calls, one grammar: bounded in
+    count, size, depth and enum entries (summed over the tools)."""
+    if len(tools) > limits.max_tools:
+        raise InvalidRequest(f"{len(tools)} tools exceed this model's limit of {limits.max_tools}",
+                             param="tools", code="too_many_tools")
+    enum = 0
+    for i, tool in enumerate(tools):
+        fn, param = tool.function, f"tools[{i}].function.parameters"
+        if fn.description and len(fn.description) > limits.max_tool_schema_bytes:
+            raise InvalidRequest(f"tools[{i}].function.description is longer than "
+                                 f"{limits.max_tool_schema_bytes} characters",
+                                 param=f"tools[{i}].function.description", code="schema_too_large")
+        if fn.parameters is not None:
+            enum += bounds.check_free_json(fn.parameters, param, limits,
+                                           limits.max_tool_schema_bytes)
+            check_tool_parameters(fn.parameters, param, limits)
+    bounds.check_enum(enum, "tools", limits)
+
+
+def _check_response_format(limits: Limits, fmt: ResponseFormat | None) -> None:
+    if not isinstance(fmt, ResponseFormatJsonSchema) or fmt.json_schema.schema_ is None:
+        return
+    schema, param = fmt.json_schema.schema_, "response_format.json_schema.schema"
+    enum = bounds.check_free_json(schema, param, limits, limits.max_schema_bytes)
+    bounds.check_enum(enum, param, limits)
+    check_response_schema(schema, param, limits)
+
+
 def validate_chat(spec: ModelSpec, body: ChatRequest) -> int:
     """Check the request against the model; return the effective max_tokens."""
     require_kind(spec, (ModelKind.chat,), "/v1/chat/completions")
@@ -230,6 +267,11 @@ def validate_chat(spec: ModelSpec, body: ChatRequest) -> int:
         stream=body.stream,
     )
     _check_capabilities(spec, body)
+    bounds.check_logit_bias(body.logit_bias, spec.limits)
+    if body.tools:
+        _check_tools(spec.limits, body.tools)
+    _check_response_format(spec.limits, body.response_format)
+    bounds.check_metadata(body.metadata, spec.limits)
     return effective_max_tokens(spec, body.max_tokens, body.max_completion_tokens)
 
 

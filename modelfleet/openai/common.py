@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Literal, TypeVar
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from modelfleet.catalog import ModelKind, ModelSpec
 from modelfleet.errors import InvalidRequest, ValidationFailed
+from modelfleet.openai.bounds import check_stop
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -42,11 +45,31 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+_BOM = b"\xef\xbb\xbf"
+# A \uD800-\uDFFF escape: half of a pair, or (alone) a string no worker can be sent.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def parse_json(raw: bytes) -> Any:
+    """JSON as RFC 8259 has it: UTF-8 without a byte order mark, no NaN or
+    Infinity, no duplicate keys, no unpaired surrogate (422 ``invalid_json``).
+    Nesting deeper than the parser's recursion limit is the same 422."""
+    if raw.startswith(_BOM):
+        raise ValidationFailed("request body starts with a UTF-8 byte order mark; send JSON "
+                               "without one", code="invalid_json")
     try:
-        return json.loads(raw, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants)
+        data = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys,
+                          parse_constant=_no_constants)
     except (ValueError, RecursionError) as exc:
         raise ValidationFailed(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if _SURROGATE_ESCAPE.search(raw):
+        try:
+            orjson.dumps(data)  # refuses a lone surrogate, which no worker could be sent
+        except orjson.JSONEncodeError as exc:
+            if "surrogate" in str(exc):
+                raise ValidationFailed("request body is not valid JSON: a \\u escape is half "
+                                       "of a surrogate pair", code="invalid_json") from None
+    return data
 
 
 def parse_body(model: type[M], raw: bytes) -> M:
@@ -139,6 +162,7 @@ def check_sampling(
             )
         if any(not s for s in stop):
             raise InvalidRequest("stop sequences must not be empty", param="stop")
+    check_stop(stop, spec.limits)
     if stream and not spec.capabilities.streaming:
         raise InvalidRequest(
             f"model {spec.id!r} does not allow streaming; send stream: false or omit it",
@@ -162,5 +186,6 @@ def sampling_payload(
 
 
 ModelName = Annotated[str, Field(min_length=1, max_length=256)]
-Stop = str | Annotated[list[Annotated[str, Field(max_length=500)]], Field(max_length=64)] | None
+# Characters per sequence are the model's limits.max_stop_chars (400, bounds.check_stop).
+Stop = str | Annotated[list[str], Field(max_length=64)] | None
 ReasoningEffort = Literal["minimal", "low", "medium", "high"]

@@ -8,6 +8,7 @@ from pydantic import Field
 
 from modelfleet.catalog import ModelKind, ModelSpec
 from modelfleet.errors import InvalidRequest
+from modelfleet.openai import bounds
 from modelfleet.openai.common import (
     Float,
     Int64,
@@ -108,6 +109,8 @@ def validate_completion(spec: ModelSpec, body: CompletionRequest) -> int:
         raise InvalidRequest("best_of other than n is not supported", param="best_of")
     if body.n is not None and body.n * count > spec.limits.max_n * spec.limits.max_prompts:
         raise InvalidRequest("too many completions requested", param="n")
+    bounds.check_logit_bias(body.logit_bias, spec.limits)
+    bounds.check_metadata(body.metadata, spec.limits)
     return effective_max_tokens(spec, body.max_tokens)
 
 
