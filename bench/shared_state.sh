@@ -8,7 +8,8 @@
 #
 # BENCH_DIR is a copy of ../shared/bench after ./setup_tools.sh and
 # ./setup_litellm.sh (see its README).  Knobs: the harness's (DURATION,
-# WARMUP, ROUNDS, CONCURRENCIES, SCENARIOS), and SKIP_LITELLM=1.
+# WARMUP, ROUNDS, CONCURRENCIES, SCENARIOS), SKIP_LITELLM=1, and BASELINE_BIN
+# (a modelfleet command at another commit, measured embedded beside this one).
 # Results: OUT_DIR/*.jsonl and a table from summarize.py.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -27,6 +28,14 @@ cd "$BENCH"
 D=$(./modelfleet_gw.sh prepare "$OUT/embedded")
 RESULTS_FILE=$OUT/mf-embedded.jsonl ./bench_gateway.sh mf-embedded http://127.0.0.1:4000 \
   "$(cat "$D/key")" -- ./modelfleet_gw.sh serve "$D"
+
+# 1b. optional: the same at another commit, for a before/after in one session
+# (BASELINE_BIN: a modelfleet command running that commit's code)
+if [[ -n ${BASELINE_BIN:-} ]]; then
+  D=$(MODELFLEET_BIN=$BASELINE_BIN ./modelfleet_gw.sh prepare "$OUT/baseline")
+  MODELFLEET_BIN=$BASELINE_BIN RESULTS_FILE=$OUT/mf-baseline.jsonl ./bench_gateway.sh \
+    mf-baseline http://127.0.0.1:4000 "$(cat "$D/key")" -- ./modelfleet_gw.sh serve "$D"
+fi
 
 # 2. shared: PostgreSQL + Redis pinned with the gateway, counted with it
 HERE=$BENCH  # lib.sh finds its tools from $HERE

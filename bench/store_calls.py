@@ -1,6 +1,6 @@
 """CPU per call of each admission-store and ledger call on the request path.
 
-    .venv/bin/python bench/store_calls.py [N]
+    PYTHONPATH=. .venv/bin/python bench/store_calls.py [N]
 
 For each call: the gateway process's CPU (process_time) and, for Redis and
 PostgreSQL, the server process's CPU (from /proc), divided by N calls, one
@@ -94,7 +94,7 @@ async def _store_calls(label: str, store: AdmissionStore, n: int, pids: list[int
 
 
 async def _ledger_calls(label: str, url: str, n: int, pids: list[int]) -> None:
-    migrate(url)
+    await asyncio.to_thread(migrate, url)
     db = Database(url)
     keys = KeyService(db)
     project_id, _ = await keys.ensure_project("bench")

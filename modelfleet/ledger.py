@@ -18,6 +18,7 @@ changes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 from collections.abc import Callable
@@ -79,6 +80,7 @@ class Ledger:
         self._waiting = 0  # pending settlements whose answer waits for their commit
         self._unapplied: list[Posted] = []  # committed, not yet in the store (it was down)
         self._wake = asyncio.Event()
+        self._urgent = asyncio.Event()  # a row whose answer waits for its commit
         self._idle = asyncio.Event()
         self._idle.set()
         self.failing: str | None = None
@@ -180,6 +182,7 @@ class Ledger:
         if durable:
             written = asyncio.get_running_loop().create_future()
             self._waiting += 1
+            self._urgent.set()
         self._pending.append(_Settlement(usage, cost, entry, written))
         self._idle.clear()
         self._wake.set()
@@ -195,8 +198,14 @@ class Ledger:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            if not self._pending and not self._unapplied:
+                self._idle.set()  # a wake for rows a previous round already wrote
+                continue
             if self._interval and len(self._pending) < self._batch and not self._waiting:
-                await asyncio.sleep(self._interval)
+                # gather rows nobody waits for; a row somebody waits for ends it
+                self._urgent.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._urgent.wait(), self._interval)
             if self._unapplied:
                 async with self._lock:
                     await self._apply([])
