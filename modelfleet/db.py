@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import Session
-from sqlalchemy.pool import NullPool
+from sqlalchemy.pool import NullPool, StaticPool
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 # pg_advisory_xact_lock keys: held while migrating ("modelfleet" in ASCII), and
@@ -48,6 +48,14 @@ def async_url(url: str) -> str:
 
 def _sync_url(url: str) -> str:
     return url.replace("+aiosqlite", "")
+
+
+def sync_engine(url: str) -> Engine:
+    """A synchronous engine on one SQLite connection (a single writer thread)."""
+    engine = create_engine(_sync_url(url), poolclass=StaticPool,
+                           connect_args={"check_same_thread": False})
+    _sqlite_pragmas(engine)
+    return engine
 
 
 def _sqlite_pragmas(engine: Engine) -> None:

@@ -22,6 +22,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -29,7 +30,7 @@ from typing import Any
 from sqlalchemy import func, insert, select, text
 
 from modelfleet.admission import AdmissionStore, MemoryAdmission, Posted
-from modelfleet.db import Database, bump_version, lock_ledger_order
+from modelfleet.db import Database, bump_version, lock_ledger_order, sync_engine
 from modelfleet.errors import InvalidRequest, NotFound, ServiceUnavailable
 from modelfleet.ids import new_id
 from modelfleet.tables import LedgerEntry, Project, UsageRecord
@@ -57,6 +58,23 @@ class _Settlement:
     written: asyncio.Future[None] | None = None
 
 
+_VERSION_AND_TOP = text("SELECT (SELECT value FROM meta WHERE key = 'version'), "
+                        "(SELECT MAX(seq) FROM ledger)")
+
+
+class _SqliteWriter:
+    """A synchronous engine with one connection, used from one thread: the
+    writer's transactions on SQLite."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = sync_engine(url)
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="ledger-writer")
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+        self.engine.dispose()
+
+
 # A shared store applies each entry once, so catch-up reads this far back to
 # cover entries committed out of sequence order by concurrent transactions.
 CATCH_UP_MARGIN = 2000
@@ -77,6 +95,7 @@ class Ledger:
         self._own: set[str] = set()
         self._lock = asyncio.Lock()
         self._pending: list[_Settlement] = []
+        self._sqlite = _SqliteWriter(db.url) if db.url.startswith("sqlite") else None
         self._waiting = 0  # pending settlements whose answer waits for their commit
         self._unapplied: list[Posted] = []  # committed, not yet in the store (it was down)
         self._wake = asyncio.Event()
@@ -229,15 +248,20 @@ class Ledger:
 
     async def _write(self, batch: list[_Settlement]) -> None:
         entries = [s.entry for s in batch if s.entry is not None]
+        rows = [s.usage for s in batch]
         async with self._lock:
-            async with self._db.engine.begin() as conn:
-                await lock_ledger_order(conn)
-                await conn.execute(insert(UsageRecord), [s.usage for s in batch])
-                if entries:
-                    await conn.execute(insert(LedgerEntry), entries)
-                version, top = (await conn.execute(text(
-                    "SELECT (SELECT value FROM meta WHERE key = 'version'), "
-                    "(SELECT MAX(seq) FROM ledger)"))).one()
+            if self._sqlite is not None:
+                # SQLite: the whole transaction in one hop to a thread of its own
+                # (the async driver would hop to its thread once per statement).
+                version, top = await asyncio.get_running_loop().run_in_executor(
+                    self._sqlite.executor, self._write_sync, rows, entries)
+            else:
+                async with self._db.engine.begin() as conn:
+                    await lock_ledger_order(conn)
+                    await conn.execute(insert(UsageRecord), rows)
+                    if entries:
+                        await conn.execute(insert(LedgerEntry), entries)
+                    version, top = (await conn.execute(_VERSION_AND_TOP)).one()
             if not self.store.dedupes:
                 if version == self._version:
                     # no other process changed money since our last look: all rows are ours
@@ -246,6 +270,21 @@ class Ledger:
                     self._own.update(e["id"] for e in entries)
             await self._apply([Posted(e["id"], e["project_id"], e["amount"], e["request_id"])
                                for e in entries])
+
+    def _write_sync(self, rows: list[dict[str, Any]],
+                    entries: list[dict[str, Any]]) -> tuple[Any, Any]:
+        assert self._sqlite is not None
+        with self._sqlite.engine.begin() as conn:
+            conn.execute(insert(UsageRecord), rows)
+            if entries:
+                conn.execute(insert(LedgerEntry), entries)
+            version, top = conn.execute(_VERSION_AND_TOP).one()
+        return version, top
+
+    def close(self) -> None:
+        """Stops the SQLite writer's thread (after ``drain``)."""
+        if self._sqlite is not None:
+            self._sqlite.close()
 
     async def _apply(self, posted: list[Posted]) -> None:
         """Committed entries into the store; kept for a retry if it is down."""

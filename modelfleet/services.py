@@ -206,6 +206,7 @@ class Services:
         except Exception:
             log.exception("could not write every usage record before stopping")
         await self.background.close()
+        await asyncio.to_thread(self.ledger.close)
         await self.fleet.close()
         await self.client.close()
         self.watcher.probe.close()
