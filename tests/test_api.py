@@ -245,6 +245,10 @@ async def test_public_catalog(app: Actors) -> None:
     assert entry["parameters"]["max_tokens"] == {"default": 256, "min": 1, "max": 2048}
     assert entry["parameters"]["temperature"]["default"] == 0.7
     assert entry["parameters"]["messages"]["max"] == 64
+    # the bounds on costly inputs are public too (checked at parse time: test_input_limits)
+    assert entry["parameters"]["stop"]["max_chars"] == 500
+    assert entry["parameters"]["response_format"]["max_enum_entries"] == 1024
+    assert entry["parameters"]["logit_bias"] == {"min": -100, "max": 100, "vocab_size": 49152}
     assert entry["runtime"]["state"] == "sleeping"
     assert entry["runtime"]["available"] is True
     assert set(entry["recent_summary_stats"]) >= {"wait", "run", "total"}

@@ -50,11 +50,19 @@ def _parameters(spec: ModelSpec) -> dict[str, Any]:
         "temperature": {"default": dft.temperature, "min": 0.0, "max": 2.0},
         "top_p": {"default": dft.top_p, "min": 0.0, "max": 1.0},
         "n": {"default": 1, "min": 1, "max": lim.max_n},
-        "stop": {"max_sequences": lim.max_stop},
+        "stop": {"max_sequences": lim.max_stop, "max_chars": lim.max_stop_chars},
         "messages": {"max": lim.max_messages},
         "prompts": {"max": lim.max_prompts},
         "context_length": lim.context_length,
         "stream": {"allowed": spec.capabilities.streaming},
+        # What is refused before a worker sees it (docs/api.md, "Costly inputs").
+        "tools": {"max": lim.max_tools, "max_schema_bytes": lim.max_tool_schema_bytes},
+        "response_format": {"max_schema_bytes": lim.max_schema_bytes,
+                            "max_enum_entries": lim.max_schema_enum,
+                            "max_repeat": lim.max_schema_repeat},
+        "json": {"max_depth": lim.max_json_depth},
+        "metadata": {"max_bytes": lim.max_metadata_bytes},
+        "logit_bias": {"min": -100, "max": 100, "vocab_size": lim.vocab_size},
     }
 
 
