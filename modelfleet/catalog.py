@@ -213,9 +213,31 @@ class ImageDefaults(_Strict):
 class Capabilities(_Strict):
     streaming: bool = True
     tools: bool = False
+    # How tool calls are enforced (docs/api.md, "Tools"): "grammar", the
+    # gateway's own JSON-schema constrained calls, for templates without a
+    # tool section (needs json_output); "native", tools passed to an engine
+    # that parses calls itself; "none" where tools is false.  With tools, the
+    # default is "grammar" where json_output is on, else "native".
+    tool_calling: Literal["grammar", "native", "none"] = "none"
     json_output: bool = False
     logprobs: bool = False
     image_input: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_tool_calling(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("tools") is True and "tool_calling" not in data:
+            data = {**data, "tool_calling": "grammar" if data.get("json_output") else "native"}
+        return data
+
+    @model_validator(mode="after")
+    def _tool_calling(self) -> Capabilities:
+        if (self.tool_calling == "none") == self.tools:
+            raise ValueError('tools = true needs tool_calling "grammar" or "native"; '
+                             'tools = false needs tool_calling "none"')
+        if self.tool_calling == "grammar" and not self.json_output:
+            raise ValueError('tool_calling "grammar" needs json_output = true')
+        return self
 
 
 class Scaling(_Strict):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -42,10 +43,11 @@ from modelfleet.errors import (
 )
 from modelfleet.fleet import Fleet
 from modelfleet.keys import Principal
-from modelfleet.metering import Metering, Outcome, Ticket
+from modelfleet.metering import Metering, Outcome, Ticket, completions_count
 from modelfleet.metrics import Metrics
 from modelfleet.observe import Marks, Observer, charged, rejected_record, stream_times
-from modelfleet.openai import embeddings, shape
+from modelfleet.openai import embeddings, shape, tools
+from modelfleet.openai.usage import ChoiceUsage, fold
 from modelfleet.scheduler import ANONYMOUS, Claim, Lease, ModelQueue, Scheduler
 from modelfleet.states import RequestState
 from modelfleet.tasks import TaskOwner
@@ -104,10 +106,21 @@ class Call:
     # Whether a client that goes away may cancel the owner task now (not once
     # settlement began: it runs to its end).
     cancellable: bool = True
+    # A grammar tool call's streamed answer, kept until its end (openai/tools.py).
+    tool_stream: tools.ToolStream | None = None
 
     @property
     def is_chat(self) -> bool:
         return self.path.endswith("chat/completions")
+
+    @functools.cached_property
+    def choice_usage(self) -> ChoiceUsage | None:
+        """Several choices from llama.cpp: counted per choice and summed
+        (openai/usage.py); None for one choice, or engines that sum themselves."""
+        if self.spec.backend != "llama.cpp" or not self.path.endswith("completions"):
+            return None
+        count = completions_count(self.payload)
+        return ChoiceUsage(int(self.payload.get("n") or 1), count) if count > 1 else None
 
     @property
     def response_id(self) -> str:
@@ -355,16 +368,38 @@ class Gateway:
         that leaves does not cancel it; it holds the slot until the worker is done."""
         started = queue.clock()
         try:
-            reply = await self.client.post(lease.replica.base_url + call.path, call.payload,
-                                           lease.replica.headers)
+            if call.choice_usage is not None:
+                reply = await self._post_folded(lease, call)
+            else:
+                reply = await self.client.post(lease.replica.base_url + call.path, call.payload,
+                                               lease.replica.headers)
             lease.replica.last_output = queue.clock()
             lease.replica.silent_misses = 0
-            if reply.status == 200:
+            if reply.status == 200 and call.choice_usage is None:
                 call.usage = _usage(reply.body.get("usage"))
             return reply
         finally:
             call.run_s = queue.clock() - started
             queue.release(lease)
+
+    async def _post_folded(self, lease: Lease, call: Call) -> WorkerReply:
+        """Several choices from llama.cpp, asked unstreamed: read as a stream
+        (where each choice's usage shows) and folded into one body (openai/usage.py)."""
+        payload = {**call.payload, "stream": True, "stream_options": {"include_usage": True}}
+        stream = await self.client.open_stream(lease.replica.base_url + call.path, payload,
+                                               lease.replica.headers)
+        if stream.status != 200:
+            return WorkerReply(stream.status, await stream.error_body())
+        events = []
+        try:
+            async for data in stream.events():
+                obj = _worker_event(data)
+                if obj is not None:
+                    _count_usage(call, obj)
+                    events.append(obj)
+        finally:
+            stream.close()
+        return WorkerReply(200, fold(events, call.is_chat))
 
     def _rewrite(self, call: Call, body: dict[str, Any]) -> dict[str, Any]:
         if call.path == EMBEDDINGS_PATH:
@@ -373,6 +408,8 @@ class Gateway:
         if not call.path.endswith("completions"):
             return body  # a job's worker answer, read by the job itself
         choices = body.get("choices") or []
+        if call.is_chat and (plan := tools.plan_of(call.payload)) is not None:
+            choices = [tools.answer(plan, c) for c in choices]  # JSON answer -> tool_calls
         out: dict[str, Any] = {
             "id": call.response_id,
             "object": "chat.completion" if call.is_chat else "text_completion",
@@ -544,20 +581,10 @@ class Gateway:
         ))
 
     def _chunk(self, call: Call, data: bytes) -> bytes | None:
-        try:
-            obj = json.loads(data)
-        except ValueError:
-            raise WorkerBroke("worker sent an event that is not JSON") from None
-        if not isinstance(obj, dict):
-            raise WorkerBroke("worker sent an event that is not an object")
-        if "error" in obj:
-            raise WorkerBroke(str(obj["error"])[:500])
-        usage = obj.pop("usage", None)
-        progress = _timings_usage(obj.pop("timings", None))
-        if progress:
-            call.usage = progress
-        if usage:
-            call.usage = _usage(usage)
+        obj = _worker_event(data)
+        if obj is None:
+            return None
+        usage = _count_usage(call, obj)
         obj["id"] = call.response_id
         obj["model"] = call.spec.id
         obj["object"] = "chat.completion.chunk" if call.is_chat else "text_completion"
@@ -566,18 +593,63 @@ class Gateway:
             for c in obj.get("choices") or []
         ]
         call.marks.chunk(obj["choices"])
+        if call.is_chat and obj["choices"] and (
+                stream := call.tool_stream or tools.stream_for(call.payload)) is not None:
+            call.tool_stream = stream  # the JSON answer is sent as tool calls at its end
+            return tools.sse(obj, stream.feed(obj["choices"]), call.include_usage)
         if not obj["choices"] and usage:
-            if not call.include_usage:
-                return None
+            if not call.include_usage or not _usage_done(call):
+                return None  # several choices: one usage chunk, once all are counted
             obj["choices"] = []
             obj["usage"] = call.usage
         elif call.include_usage:
             obj["usage"] = None
-        return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+        out = b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+        if usage and obj["choices"] and call.include_usage and _usage_done(call):
+            # llama-server's completions put usage on the last choice event: its own chunk here
+            obj.update(choices=[], usage=call.usage)
+            out += b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+        return out
 
 
 _END = object()
 _TIMEOUT = object()
+
+
+def _worker_event(data: bytes) -> dict[str, Any] | None:
+    """A worker event's object (None: llama-server's ``data: null``, which opens
+    a completions stream with several choices)."""
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        raise WorkerBroke("worker sent an event that is not JSON") from None
+    if obj is None:
+        return None
+    if not isinstance(obj, dict):
+        raise WorkerBroke("worker sent an event that is not an object")
+    if "error" in obj:
+        raise WorkerBroke(str(obj["error"])[:500])
+    return obj
+
+
+def _count_usage(call: Call, obj: dict[str, Any]) -> Any:
+    """Take the event's usage and timings into ``call.usage``; returns its usage."""
+    usage = obj.pop("usage", None)
+    progress = _timings_usage(obj.pop("timings", None))
+    if (several := call.choice_usage) is not None:
+        several.see(obj.get("choices") or [], usage, progress)
+        call.usage = several.total()
+        return usage
+    if progress:
+        call.usage = progress
+    if usage:
+        call.usage = _usage(usage)
+    return usage
+
+
+def _usage_done(call: Call) -> bool:
+    """Every choice's usage is in (always, for one choice)."""
+    return call.choice_usage is None or call.choice_usage.complete
 
 
 async def _stop_after(delay: float, stop: Callable[[], object]) -> None:

@@ -187,6 +187,17 @@ def test_an_oversized_head_gets_431(server: Server) -> None:
     assert (status, error["code"]) == (431, "request_header_too_large")
 
 
+def test_a_request_that_is_not_http_gets_the_api_error_shape(server: Server) -> None:
+    with _connect(server) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"content-length: QIM\r\n\r\n")
+        answer, closed = _read_all(sock, 5)
+    assert closed
+    status, error = _error_of(answer)
+    assert (status, error["code"], error["type"]) == \
+        (400, "invalid_http_request", "invalid_request_error")
+
+
 def test_a_slow_body_is_cut_off_at_the_body_timeout(server: Server) -> None:
     body = json.dumps({"model": "test/one-slot", "messages": [{"role": "user", "content": "hi"}],
                        "max_tokens": 4}).encode()

@@ -12,6 +12,7 @@ from modelfleet.api.auth import require
 from modelfleet.catalog import ModelKind, ModelSpec
 from modelfleet.errors import ModelNotFound
 from modelfleet.keys import Principal, Scope
+from modelfleet.openai import rerank, tokenize
 from modelfleet.services import Services
 
 ENDPOINTS = {
@@ -44,7 +45,8 @@ def _parameters(spec: ModelSpec) -> dict[str, Any]:
     lim, dft = spec.limits, spec.defaults
     if spec.kind is ModelKind.embedding:
         return {"max_inputs": lim.max_inputs, "max_input_tokens": lim.max_input_tokens,
-                "encoding_format": ["float", "base64"]}
+                "encoding_format": ["float", "base64"],
+                "rerank": {"method": rerank.METHOD, "max_documents": lim.max_inputs - 1}}
     return {
         "max_tokens": {"default": dft.max_tokens, "min": 1, "max": lim.max_output_tokens},
         "temperature": {"default": dft.temperature, "min": 0.0, "max": 2.0},
@@ -88,7 +90,7 @@ class CatalogView:
             "description": spec.description,
             "owned_by": spec.owned_by,
             "backend": spec.backend,
-            "endpoints": ENDPOINTS[spec.kind],
+            "endpoints": ENDPOINTS[spec.kind] + tokenize.endpoints(spec) + rerank.endpoints(spec),
             "parameters": _parameters(spec),
             "capabilities": spec.capabilities.model_dump(),
             "scaling": spec.scaling.model_dump(),

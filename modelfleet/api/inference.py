@@ -1,5 +1,6 @@
-"""POST /v1/chat/completions, /v1/completions and /v1/embeddings: parse, then
-one response that runs the request through ``Gateway.handle`` and renders it.
+"""POST /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/tokenize,
+/v1/detokenize and /v1/rerank: parse, then one response that runs the
+request through ``Gateway.handle`` and renders it.
 
 The response object is where the request is owned: its ``__call__`` runs in
 the task that serves the HTTP request, enters ``Gateway.handle`` (admission,
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from fastapi import APIRouter, Request
@@ -24,17 +25,45 @@ from modelfleet.api import errors, openapi_doc
 from modelfleet.api.auth import require
 from modelfleet.api.http import presented_key, read_body, request_id
 from modelfleet.catalog import ModelSpec
+from modelfleet.engines.http import WorkerClient
 from modelfleet.errors import ModelfleetError, RequestTooLarge
-from modelfleet.gateway import Call
+from modelfleet.gateway import Call, Starting
 from modelfleet.keys import Principal
 from modelfleet.keys import Scope as KeyScope
 from modelfleet.observe import key_prefix, rejected_record
-from modelfleet.openai import chat, completions, embeddings
+from modelfleet.openai import chat, completions, embeddings, rerank, tokenize
 from modelfleet.openai.common import parse_body
+from modelfleet.scheduler import Lease
 from modelfleet.services import Services
 
 log = logging.getLogger(__name__)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# Renders a worker's answer in the endpoint's shape (and may count its usage).
+Finish = Callable[[Call, dict[str, Any]], dict[str, Any]]
+
+
+class Work(Protocol):
+    """An endpoint whose worker calls differ from the OpenAI ones
+    (``openai/tokenize.py``, ``openai/rerank.py``): the worker path and body,
+    a step on the won slot before the gateway posts, and the answer rendered
+    from the worker's.  ``settle_before_end`` is false where ``finish`` counts
+    the usage (then the request is settled after its answer is rendered)."""
+
+    path: str
+    payload: dict[str, Any]
+    settle_before_end: bool
+
+    async def starting(self, lease: Lease) -> None: ...
+
+    def finish(self, call: Call, body: dict[str, Any]) -> dict[str, Any]: ...
+
+
+WorkFactory = Callable[[ModelSpec, str, Any, dict[str, Any], WorkerClient], Work]
+WORK: dict[str, WorkFactory] = {
+    tokenize.TOKENIZE_PATH: tokenize.TokenWork,
+    tokenize.DETOKENIZE_PATH: tokenize.TokenWork,
+    rerank.RERANK_PATH: rerank.RerankWork,
+}
 
 
 def _openapi_body(model: type[BaseModel]) -> dict[str, Any]:
@@ -63,11 +92,14 @@ class OwnedResponse(Response):
     An error before anything was sent is rendered as an HTTP error; after a
     stream has started, the gateway turns it into a final SSE error event."""
 
-    def __init__(self, services: Services, call: Call, principal: Principal) -> None:
+    def __init__(self, services: Services, call: Call, principal: Principal, *,
+                 starting: Starting | None = None, finish: Finish | None = None) -> None:
         super().__init__()
         self.services = services
         self.call = call
         self.principal = principal
+        self.starting = starting
+        self.finish = finish
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False
@@ -82,7 +114,7 @@ class OwnedResponse(Response):
         # cancels it (the worker request is stopped); a stream notices by itself.
         watch = None if call.stream else _Watch(receive, call)
         try:
-            async with self.services.gateway.handle(call) as answer:
+            async with self.services.gateway.handle(call, self.starting) as answer:
                 if watch is not None:
                     watch.stop()
                 headers = {**call.rate_headers, **call.headers()}
@@ -91,8 +123,10 @@ class OwnedResponse(Response):
                     response = StreamingResponse(answer.events, media_type="text/event-stream",
                                                  headers={**SSE_HEADERS, **headers})
                 else:
+                    body = answer.body if self.finish is None or answer.body is None \
+                        else self.finish(call, answer.body)
                     response = Response(
-                        orjson.dumps(answer.body, option=orjson.OPT_SERIALIZE_NUMPY),
+                        orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY),
                         media_type="application/json", headers=headers)
                 await response(scope, receive, tracked)
         except ClientDisconnect:
@@ -149,6 +183,8 @@ class _Watch:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+# The routes that never stream.
+NOT_STREAMED = frozenset({"/v1/embeddings", *WORK})
 
 
 def _fastapi_endpoint(endpoint: Handler) -> Handler:
@@ -177,6 +213,7 @@ def router(services: Services, handlers: dict[str, Handler] | None = None) -> AP
         path: str,
     ) -> Response:
         principal = await require(services, request, KeyScope.inference)
+        work: Work | None = None
         headers: dict[str, str] = {}
         try:
             raw = await read_body(request, limit)
@@ -195,6 +232,8 @@ def router(services: Services, handlers: dict[str, Handler] | None = None) -> AP
             payload = engine.adapt(build(spec, body, max_tokens), body.metadata)
             if body.stream:
                 engine.prepare_stream(payload)
+            if path in WORK:
+                work = WORK[path](spec, path, body, payload, gateway.client)
         except ModelfleetError as exc:
             exc.headers = {**(await rate_headers(services, principal, exc)), **headers,
                            **exc.headers}
@@ -209,18 +248,21 @@ def router(services: Services, handlers: dict[str, Handler] | None = None) -> AP
             route_model=body.model,
             spec=spec,
             principal=principal,
-            path=path,
-            payload=payload,
+            path=path if work is None else work.path,
+            payload=payload if work is None else work.payload,
             stream=bool(body.stream),
             include_usage=bool(body.stream_options and body.stream_options.include_usage),
             encoding_format=getattr(body, "encoding_format", None) or "float",
             claim=metering.claim(principal, payload),
             key_prefix=key_prefix(presented_key(request)),
-            settle_before_end=True,
+            settle_before_end=work is None or work.settle_before_end,
         )
         if metering.enabled:
             ask, prices = metering.ask(call.request_id, principal, spec, payload, max_tokens)
             call.admit = lambda: metering.admit(ask, spec, prices)
+        if work is not None:
+            return OwnedResponse(services, call, principal, starting=work.starting,
+                                 finish=work.finish)
         return OwnedResponse(services, call, principal)
 
     routes: dict[str, tuple[type[Any], Callable[[ModelSpec, Any], int],
@@ -230,6 +272,11 @@ def router(services: Services, handlers: dict[str, Handler] | None = None) -> AP
                             completions.worker_body),
         "/v1/embeddings": (embeddings.EmbeddingRequest, embeddings.validate_embedding,
                            embeddings.worker_body),
+        tokenize.TOKENIZE_PATH: (tokenize.TokenizeRequest, tokenize.validate_tokenize,
+                                 tokenize.tokenize_body),
+        tokenize.DETOKENIZE_PATH: (tokenize.DetokenizeRequest, tokenize.validate_detokenize,
+                                   tokenize.detokenize_body),
+        rerank.RERANK_PATH: (rerank.RerankRequest, rerank.validate_rerank, rerank.worker_body),
     }
     for path, (model, validate, build) in routes.items():
 
@@ -245,6 +292,6 @@ def router(services: Services, handlers: dict[str, Handler] | None = None) -> AP
                           responses={**openapi_doc.errors(400, 404, 413, 422, 502, 503, 504,
                                                           scope="inference", rate_limited=True,
                                                           billed=True),
-                                     **(openapi_doc.EVENT_STREAM if path != "/v1/embeddings"
+                                     **(openapi_doc.EVENT_STREAM if path not in NOT_STREAMED
                                         else {})})
     return api

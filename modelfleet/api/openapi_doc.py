@@ -13,7 +13,7 @@ its errors in its decorator, ``responses=errors(404, scope="admin")``, and
   ``Authorization: Bearer`` or ``x-api-key``; the others have ``security: []``.
 - 429 with ``Retry-After`` and the rate-limit headers on rate-limited routes,
   whose other responses carry the same limit headers.
-- Statuses any request can get from the server itself: 408 and 431 (headers
+- Statuses any request can get from the server itself: 400 (not valid HTTP), 408 and 431 (headers
   or body too slow, headers too large) and 503 (too many connections, a
   store that is down), and ``X-Request-Id`` on every response.
 - ``components.responses`` for a path that does not exist (404) and a method
@@ -61,7 +61,9 @@ ERROR_SCHEMA: dict[str, Any] = {
 
 DESCRIPTIONS: dict[int, str] = {
     400: "Valid in shape, but not for this model, route or state, or sent with a "
-         "`Content-Type` other than JSON (`invalid_request_error`).",
+         "`Content-Type` other than JSON (`invalid_request_error`); or not valid HTTP at "
+         "all, such as a malformed `Content-Length` (`invalid_http_request`, from the "
+         "server; the connection is closed).",
     401: "No key, or a key that is malformed, unknown, revoked or expired "
          "(`missing_api_key`, `invalid_api_key`, `revoked_api_key`, `expired_api_key`).",
     403: "The key lacks the scope, or `x-project-id` names another project "
@@ -109,7 +111,8 @@ SECURITY_SCHEMES: dict[str, Any] = {
 KEYED: list[dict[str, list[str]]] = [{"bearer": []}, {"apiKey": []}]
 
 # Answered by the server for any request, before (or instead of) a route.
-ANY_REQUEST = {"408": "RequestTimeout", "431": "HeadersTooLarge", "503": "ServiceUnavailable"}
+ANY_REQUEST = {"400": "BadHttpRequest", "408": "RequestTimeout", "431": "HeadersTooLarge",
+               "503": "ServiceUnavailable"}
 
 # A streamed chat or text completion (``stream: true``).
 EVENT_STREAM: Responses = {200: {"content": {"text/event-stream": {
@@ -157,6 +160,7 @@ def _components_responses() -> dict[str, Any]:
         "NotFound": {**with_header(404, "X-Request-Id"),
                      "description": "No route has this path (`not_found`)."},
         "MethodNotAllowed": with_header(405, "Allow", "X-Request-Id"),
+        "BadHttpRequest": _error_response(400),
         "RequestTimeout": _error_response(408),
         "HeadersTooLarge": _error_response(431),
         "ServiceUnavailable": with_header(503, "Retry-After"),

@@ -276,6 +276,11 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
             408, "Request Timeout", "invalid_request_error", "request_header_timeout",
             f"the request head did not arrive within {self.limits.header_timeout_s:g} s"))
 
+    def send_400_response(self, msg: str) -> None:
+        """A request that is not valid HTTP: the API's error shape, not text."""
+        self._refuse_head(_error(400, "Bad Request", "invalid_request_error",
+                                 "invalid_http_request", msg))
+
     def _refuse_head(self, response: bytes) -> None:
         """Answer a request whose head was not accepted, and close."""
         if self._timer is not None:

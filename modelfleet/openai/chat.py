@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from modelfleet.catalog import Limits, ModelKind, ModelSpec
 from modelfleet.errors import ImageInputNotSupported, InvalidRequest
-from modelfleet.openai import bounds
+from modelfleet.openai import bounds, tools
 from modelfleet.openai.common import (
     Float,
     Int64,
@@ -270,6 +270,8 @@ def validate_chat(spec: ModelSpec, body: ChatRequest) -> int:
     bounds.check_logit_bias(body.logit_bias, spec.limits)
     if body.tools:
         _check_tools(spec.limits, body.tools)
+    if spec.capabilities.tool_calling != "native":
+        tools.check(body)
     _check_response_format(spec.limits, body.response_format)
     bounds.check_metadata(body.metadata, spec.limits)
     return effective_max_tokens(spec, body.max_tokens, body.max_completion_tokens)
@@ -277,6 +279,28 @@ def validate_chat(spec: ModelSpec, body: ChatRequest) -> int:
 
 def worker_body(spec: ModelSpec, body: ChatRequest, max_tokens: int) -> dict[str, Any]:
     """The validated request, re-serialised for the worker (never the raw bytes)."""
+    if spec.capabilities.tool_calling == "native":
+        return _native_body(spec, body, max_tokens)
+    plan = tools.plan_for(body)
+    payload: dict[str, Any] = {
+        "model": spec.id,
+        "messages": tools.render_messages(body.messages, plan, body),
+        "max_tokens": max_tokens,
+    }
+    payload.update(sampling_payload(spec, body, _SAMPLING_FIELDS))
+    payload.pop("tool_choice", None)  # the grammar below enforces it
+    payload.pop("parallel_tool_calls", None)
+    if plan is not None:
+        payload["response_format"] = tools.response_format(body, plan)
+    elif body.response_format is not None:
+        payload["response_format"] = body.response_format.model_dump(
+            exclude_none=True, by_alias=True
+        )
+    return payload
+
+
+def _native_body(spec: ModelSpec, body: ChatRequest, max_tokens: int) -> dict[str, Any]:
+    """For an engine that parses tool calls itself: tools passed as sent."""
     payload: dict[str, Any] = {
         "model": spec.id,
         "messages": [m.model_dump(exclude_none=True) for m in body.messages],

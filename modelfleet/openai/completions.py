@@ -64,7 +64,6 @@ _SAMPLING_FIELDS = (
     "frequency_penalty",
     "logprobs",
     "logit_bias",
-    "echo",
 )
 
 
@@ -105,6 +104,8 @@ def validate_completion(spec: ModelSpec, body: CompletionRequest) -> int:
             raise InvalidRequest("logprobs must be between 0 and 5", param="logprobs")
     if body.suffix:
         raise InvalidRequest("suffix (insertion) is not supported by this model", param="suffix")
+    if body.echo:  # llama-server ignores it: refused rather than silently dropped
+        raise InvalidRequest("echo is not supported by this model", param="echo")
     if body.best_of is not None and body.best_of != (body.n or 1):
         raise InvalidRequest("best_of other than n is not supported", param="best_of")
     if body.n is not None and body.n * count > spec.limits.max_n * spec.limits.max_prompts:
