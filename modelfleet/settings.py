@@ -105,6 +105,9 @@ class JobSettings:
     results_dir: Path | None = None
     # How long a result stays downloadable after the job ends.
     retention_s: float = 7 * 24 * 3600.0
+    # How long a stored response (POST /v1/responses, store: true) is kept
+    # (MODELFLEET_RESPONSES_RETENTION_S).
+    responses_retention_s: float = 30 * 24 * 3600.0
     # How long a job may wait for a replica before it fails (queue_timeout).
     queue_timeout_s: float = 3600.0
     # Runs of one job: a run cut short by a server stop is retried until this.
@@ -188,6 +191,10 @@ class Settings:
     # Redis for limits, holds and change fan-out shared by several gateways
     # (None: in process, the embedded default).
     redis_url: str | None = None
+    # A Ray cluster (``ray://host:10001`` or ``host:6379``): each replica is a
+    # Ray actor placed on a node by the model's resources (rayfleet.py), and
+    # the gateways share one fleet controller there.  None: local processes.
+    ray_address: str | None = None
     http: HttpSettings = field(default_factory=HttpSettings)
     fleet: FleetSettings = field(default_factory=FleetSettings)
     jobs: JobSettings = field(default_factory=JobSettings)
@@ -247,6 +254,8 @@ class Settings:
             values["database_url"] = url
         if url := os.environ.get("MODELFLEET_REDIS_URL"):
             values["redis_url"] = url
+        if address := os.environ.get("MODELFLEET_RAY_ADDRESS"):
+            values["ray_address"] = address
         budget: dict[str, Any] = {}
         if binary := os.environ.get("MODELFLEET_LLAMA_SERVER"):
             budget["llama_server"] = Path(binary)
@@ -261,6 +270,8 @@ class Settings:
                      "lease_s", "claim_interval_s"):
             if raw := os.environ.get(f"MODELFLEET_JOBS_{name.upper()}"):
                 jobs[name] = float(raw)
+        if raw := os.environ.get("MODELFLEET_RESPONSES_RETENTION_S"):
+            jobs["responses_retention_s"] = float(raw)
         if raw := os.environ.get("MODELFLEET_WEBHOOK_ALLOW"):
             jobs["webhook_allow"] = tuple(e.strip() for e in raw.split(",") if e.strip())
         values["jobs"] = JobSettings(**jobs)

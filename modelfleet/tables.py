@@ -200,3 +200,31 @@ class Job(Base):
         Index("ix_jobs_status", "status"),
         Index("ix_jobs_project_created", "project_id", "created_at"),
     )
+
+
+class StoredResponse(Base):
+    """A response of ``POST /v1/responses`` kept for ``GET``, ``input_items``
+    and ``previous_response_id`` (openai/responses.py).  ``body`` is the
+    Response object as sent; ``input_items`` this request's input items (with
+    ids); ``context`` every item the model saw before its output (the
+    previous response's context and output, then this input), so a
+    continuation reads one row."""
+
+    __tablename__ = "responses"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    key_id: Mapped[str] = mapped_column(String(36))
+    model_id: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(20))
+    previous_response_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    body: Mapped[str] = mapped_column(Text)
+    input_items: Mapped[str] = mapped_column(Text)
+    context: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+    __table_args__ = (
+        Index("ix_responses_project_created", "project_id", "created_at"),
+        Index("ix_responses_expires", "expires_at"),
+    )

@@ -23,6 +23,7 @@ class Server:
         self.connections = 0
         self.requests: list[bytes] = []
         self.server: asyncio.Server | None = None
+        self.host = "127.0.0.1"
         self.port = 0
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -46,7 +47,7 @@ class Server:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1/chat/completions"
+        return f"http://{self.host}:{self.port}/v1/chat/completions"
 
 
 def fixed(body: bytes, status: int = 200, extra: bytes = b"") -> bytes:
@@ -65,9 +66,10 @@ def chunked(*events: bytes) -> bytes:
 async def serve() -> AsyncIterator[Callable[[Answer], asyncio.Future[Server]]]:
     servers: list[Server] = []
 
-    async def start(answer: Answer) -> Server:
+    async def start(answer: Answer, host: str = "127.0.0.1") -> Server:
         srv = Server(answer)
-        srv.server = await asyncio.start_server(srv.handle, "127.0.0.1", 0)
+        srv.host = host
+        srv.server = await asyncio.start_server(srv.handle, host, 0)
         srv.port = srv.server.sockets[0].getsockname()[1]
         servers.append(srv)
         return srv
@@ -162,3 +164,20 @@ async def test_stream_without_done_is_broke(serve, client: WorkerClient) -> None
         async for event in stream.events():
             got.append(event)
     assert got == [b'{"a": 1}']
+
+
+# An engine's SSE as the format allows it: event and id fields, comments, CRLF
+# line ends, data split over several lines, no space after the colon.
+SSE_FIELDS = (b": keep-alive\r\n\r\n",
+              b"event: response.output_text.delta\r\nid: 1\r\ndata: {\"a\":\r\ndata: 1}\r\n\r\n",
+              b"retry: 100\nevent: x\ndata:{\"b\": 2}\n\n",
+              b"data: [DONE]\n\n")
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2"])  # the loopback client; aiohttp
+async def test_stream_event_fields_and_multiline_data(serve, client: WorkerClient,  # type: ignore[no-untyped-def]
+                                                      host: str) -> None:
+    srv = await serve(lambda body: chunked(*SSE_FIELDS), host)
+    stream = await client.open_stream(srv.url, {"stream": True})
+    events = [e async for e in stream.events()]
+    assert events == [b'{"a":\n1}', b'{"b": 2}']

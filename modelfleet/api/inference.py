@@ -10,8 +10,9 @@ settles the request in that same task on the event loop."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 import orjson
@@ -21,7 +22,7 @@ from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 from starlette.types import Message, Receive, Scope, Send
 
-from modelfleet.api import errors, openapi_doc
+from modelfleet.api import errors, openapi_doc, responses
 from modelfleet.api.auth import require
 from modelfleet.api.http import presented_key, read_body, request_id
 from modelfleet.catalog import ModelSpec
@@ -33,13 +34,19 @@ from modelfleet.keys import Scope as KeyScope
 from modelfleet.observe import key_prefix, rejected_record
 from modelfleet.openai import chat, completions, embeddings, rerank, tokenize
 from modelfleet.openai.common import parse_body
+from modelfleet.openai.responses import RESPONSES_PATH, ResponsesRequest
+from modelfleet.responsestore import ResponseStore
 from modelfleet.scheduler import Lease
 from modelfleet.services import Services
 
 log = logging.getLogger(__name__)
+CHAT_PATH = "/v1/chat/completions"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-# Renders a worker's answer in the endpoint's shape (and may count its usage).
-Finish = Callable[[Call, dict[str, Any]], dict[str, Any]]
+# Renders a worker's answer in the endpoint's shape (and may count its usage,
+# or store it: then it returns an awaitable).
+Finish = Callable[[Call, dict[str, Any]], dict[str, Any] | Awaitable[dict[str, Any]]]
+# Renders a stream's events in the endpoint's shape (the Responses API's events).
+Events = Callable[[Call, AsyncIterator[bytes]], AsyncIterator[bytes]]
 
 
 class Work(Protocol):
@@ -93,13 +100,15 @@ class OwnedResponse(Response):
     stream has started, the gateway turns it into a final SSE error event."""
 
     def __init__(self, services: Services, call: Call, principal: Principal, *,
-                 starting: Starting | None = None, finish: Finish | None = None) -> None:
+                 starting: Starting | None = None, finish: Finish | None = None,
+                 events: Events | None = None) -> None:
         super().__init__()
         self.services = services
         self.call = call
         self.principal = principal
         self.starting = starting
         self.finish = finish
+        self.events = events
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False
@@ -120,13 +129,14 @@ class OwnedResponse(Response):
                 headers = {**call.rate_headers, **call.headers()}
                 response: Response
                 if answer.events is not None:
-                    response = StreamingResponse(answer.events, media_type="text/event-stream",
+                    events = answer.events if self.events is None \
+                        else self.events(call, answer.events)
+                    response = StreamingResponse(events, media_type="text/event-stream",
                                                  headers={**SSE_HEADERS, **headers})
                 else:
-                    body = answer.body if self.finish is None or answer.body is None \
-                        else self.finish(call, answer.body)
                     response = Response(
-                        orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY),
+                        orjson.dumps(await self._body(answer.body),
+                                     option=orjson.OPT_SERIALIZE_NUMPY),
                         media_type="application/json", headers=headers)
                 await response(scope, receive, tracked)
         except ClientDisconnect:
@@ -153,6 +163,13 @@ class OwnedResponse(Response):
         finally:
             if watch is not None:
                 watch.stop()
+
+
+    async def _body(self, body: dict[str, Any] | None) -> dict[str, Any] | None:
+        if self.finish is None or body is None:
+            return body
+        out = self.finish(self.call, body)
+        return await out if inspect.isawaitable(out) else out
 
 
 class _Watch:
@@ -204,6 +221,7 @@ def router(services: Services, handlers: dict[str, Handler] | None = None) -> AP
     gateway = services.gateway
     metering = services.metering
     limit = services.settings.http.max_body_bytes
+    store = ResponseStore(services.db, services.settings.jobs.responses_retention_s)
 
     async def run(
         request: Request,
@@ -214,6 +232,7 @@ def router(services: Services, handlers: dict[str, Handler] | None = None) -> AP
     ) -> Response:
         principal = await require(services, request, KeyScope.inference)
         work: Work | None = None
+        turn: responses.Turn | None = None
         headers: dict[str, str] = {}
         try:
             raw = await read_body(request, limit)
@@ -227,9 +246,14 @@ def router(services: Services, handlers: dict[str, Handler] | None = None) -> AP
                     f"request body is {len(raw)} bytes; model {spec.id!r} takes at most "
                     f"{spec.limits.max_request_bytes}"
                 )
+            if path == RESPONSES_PATH:  # a chat request, rendered as a Response
+                turn = responses.Turn(store, principal, spec, body)
+                body = await turn.prepare()
             max_tokens = validate(spec, body)
             engine = gateway.fleet.pools[spec.id].engine
             payload = engine.adapt(build(spec, body, max_tokens), body.metadata)
+            if turn is not None:
+                turn.started(payload)
             if body.stream:
                 engine.prepare_stream(payload)
             if path in WORK:
@@ -248,10 +272,11 @@ def router(services: Services, handlers: dict[str, Handler] | None = None) -> AP
             route_model=body.model,
             spec=spec,
             principal=principal,
-            path=path if work is None else work.path,
+            path=work.path if work is not None else CHAT_PATH if turn is not None else path,
             payload=payload if work is None else work.payload,
             stream=bool(body.stream),
-            include_usage=bool(body.stream_options and body.stream_options.include_usage),
+            include_usage=turn is not None or bool(body.stream_options
+                                                   and body.stream_options.include_usage),
             encoding_format=getattr(body, "encoding_format", None) or "float",
             claim=metering.claim(principal, payload),
             key_prefix=key_prefix(presented_key(request)),
@@ -263,11 +288,14 @@ def router(services: Services, handlers: dict[str, Handler] | None = None) -> AP
         if work is not None:
             return OwnedResponse(services, call, principal, starting=work.starting,
                                  finish=work.finish)
+        if turn is not None:
+            return OwnedResponse(services, call, principal, finish=turn.finish,
+                                 events=turn.events)
         return OwnedResponse(services, call, principal)
 
     routes: dict[str, tuple[type[Any], Callable[[ModelSpec, Any], int],
                             Callable[[ModelSpec, Any, int], dict[str, Any]]]] = {
-        "/v1/chat/completions": (chat.ChatRequest, chat.validate_chat, chat.worker_body),
+        CHAT_PATH: (chat.ChatRequest, chat.validate_chat, chat.worker_body),
         "/v1/completions": (completions.CompletionRequest, completions.validate_completion,
                             completions.worker_body),
         "/v1/embeddings": (embeddings.EmbeddingRequest, embeddings.validate_embedding,
@@ -277,6 +305,7 @@ def router(services: Services, handlers: dict[str, Handler] | None = None) -> AP
         tokenize.DETOKENIZE_PATH: (tokenize.DetokenizeRequest, tokenize.validate_detokenize,
                                    tokenize.detokenize_body),
         rerank.RERANK_PATH: (rerank.RerankRequest, rerank.validate_rerank, rerank.worker_body),
+        RESPONSES_PATH: (ResponsesRequest, responses.validate, chat.worker_body),
     }
     for path, (model, validate, build) in routes.items():
 
@@ -294,4 +323,5 @@ def router(services: Services, handlers: dict[str, Handler] | None = None) -> AP
                                                           billed=True),
                                      **(openapi_doc.EVENT_STREAM if path not in NOT_STREAMED
                                         else {})})
+    api.include_router(responses.router(services, store))
     return api

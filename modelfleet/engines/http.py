@@ -145,16 +145,30 @@ class _EventStream:
             self.close()
 
     async def events(self) -> AsyncIterator[bytes]:
-        """Each event's data, up to but not including ``[DONE]``."""
+        """Each event's data, up to but not including ``[DONE]``, as the SSE
+        format has it: an event ends at a blank line, its ``data:`` lines are
+        joined with newlines, ``event:``, ``id:``, ``retry:`` and comment lines
+        are skipped (the data says what each event is)."""
+        data: list[bytes] = []
         try:
-            async for line in self._lines():
-                if not line.startswith(b"data:"):
+            async for raw in self._lines():
+                line = raw.rstrip(b"\r\n")
+                if line.startswith(b"data:"):
+                    data.append(line[6:] if line[5:6] == b" " else line[5:])
                     continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
+                if line or not data:
+                    continue  # a field other than data, a comment, or a blank line alone
+                event = data[0] if len(data) == 1 else b"\n".join(data)
+                data = []
+                if event == b"[DONE]":
                     return
                 self.started = True
-                yield data
+                yield event
+            if data and data != [b"[DONE]"]:  # the last event, cut off by the end of the stream
+                self.started = True
+                yield b"\n".join(data)
+            elif data:
+                return
         except self._read_errors as exc:
             raise WorkerBroke(str(exc) or type(exc).__name__) from exc
         if not self.started:
