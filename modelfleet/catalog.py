@@ -216,9 +216,12 @@ class Capabilities(_Strict):
     # How tool calls are enforced (docs/api.md, "Tools"): "grammar", the
     # gateway's own JSON-schema constrained calls, for templates without a
     # tool section (needs json_output); "native", tools passed to an engine
-    # that parses calls itself; "none" where tools is false.  With tools, the
-    # default is "grammar" where json_output is on, else "native".
-    tool_calling: Literal["grammar", "native", "none"] = "none"
+    # that parses calls itself; "none" where tools is false; "auto", read from
+    # the model's chat template before it first serves (engines/template.py:
+    # "native" where the template renders tools, else "grammar" with
+    # json_output, else tools off).  With tools, the default is "grammar"
+    # where json_output is on, else "native".
+    tool_calling: Literal["auto", "grammar", "native", "none"] = "none"
     json_output: bool = False
     logprobs: bool = False
     image_input: bool = False
@@ -233,7 +236,7 @@ class Capabilities(_Strict):
     @model_validator(mode="after")
     def _tool_calling(self) -> Capabilities:
         if (self.tool_calling == "none") == self.tools:
-            raise ValueError('tools = true needs tool_calling "grammar" or "native"; '
+            raise ValueError('tools = true needs tool_calling "auto", "grammar" or "native"; '
                              'tools = false needs tool_calling "none"')
         if self.tool_calling == "grammar" and not self.json_output:
             raise ValueError('tool_calling "grammar" needs json_output = true')

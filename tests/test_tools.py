@@ -240,7 +240,9 @@ def test_catalog_says_how_tools_are_enforced(server: Server) -> None:
                         headers={"Authorization": f"Bearer {server.key}"}).json()
     by_id = {m["model"]: m for m in listing["text"]}
     assert by_id[CHAT]["capabilities"]["tools"] is True
-    assert by_id[CHAT]["capabilities"]["tool_calling"] == "grammar"
+    assert by_id[CHAT]["capabilities"]["tool_calling"] == "grammar"  # "auto" in the catalog
+    assert by_id[CHAT]["capabilities"]["tool_calling_detected"] == \
+        "the chat template has no tool section"
     assert by_id["google/gemma-3-270m"]["capabilities"]["tool_calling"] == "none"
 
 

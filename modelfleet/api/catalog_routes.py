@@ -83,6 +83,11 @@ class CatalogView:
         return state
 
     def entry(self, spec: ModelSpec) -> dict[str, Any]:
+        pool = self.services.fleet.pools.get(spec.id)
+        capabilities = spec.capabilities.model_dump()
+        if pool is not None and spec.capabilities.tool_calling == "auto":
+            capabilities = pool.engine.effective(spec).capabilities.model_dump()
+            capabilities["tool_calling_detected"] = pool.engine.tool_calling_source(spec)
         return {
             "model": spec.id,
             "aliases": list(spec.aliases),
@@ -92,7 +97,7 @@ class CatalogView:
             "backend": spec.backend,
             "endpoints": ENDPOINTS[spec.kind] + tokenize.endpoints(spec) + rerank.endpoints(spec),
             "parameters": _parameters(spec),
-            "capabilities": spec.capabilities.model_dump(),
+            "capabilities": capabilities,
             "scaling": spec.scaling.model_dump(),
             "pricing": self.pricing(spec),
             "runtime": self.runtime(spec),

@@ -246,11 +246,12 @@ def router(services: Services, handlers: dict[str, Handler] | None = None) -> AP
                     f"request body is {len(raw)} bytes; model {spec.id!r} takes at most "
                     f"{spec.limits.max_request_bytes}"
                 )
+            engine = gateway.fleet.pools[spec.id].engine
+            spec = engine.effective(spec)  # tool_calling "auto" resolved
             if path == RESPONSES_PATH:  # a chat request, rendered as a Response
                 turn = responses.Turn(store, principal, spec, body)
                 body = await turn.prepare()
             max_tokens = validate(spec, body)
-            engine = gateway.fleet.pools[spec.id].engine
             payload = engine.adapt(build(spec, body, max_tokens), body.metadata)
             if turn is not None:
                 turn.started(payload)

@@ -59,6 +59,32 @@ class Engine(ABC):
     def __init__(self, spec: ModelSpec, models_dir: Path) -> None:
         self.spec = spec
         self.models_dir = models_dir
+        self._effective: tuple[ModelSpec, ModelSpec, str | None] | None = None
+
+    def effective(self, spec: ModelSpec) -> ModelSpec:
+        """``spec`` with ``capabilities.tool_calling = "auto"`` resolved (once
+        per spec): what requests are checked and built with."""
+        if spec.capabilities.tool_calling != "auto":
+            return spec
+        cached = self._effective
+        if cached is None or cached[0] is not spec:
+            mode, why = self.detect_tool_calling(spec)
+            caps = spec.capabilities.model_copy(update={"tool_calling": mode,
+                                                        "tools": mode != "none"})
+            cached = self._effective = (spec, spec.model_copy(update={"capabilities": caps}),
+                                        why)
+        return cached[1]
+
+    def tool_calling_source(self, spec: ModelSpec) -> str | None:
+        """Why an "auto" model's tool calls are made as they are (None: set in the catalog)."""
+        if spec.capabilities.tool_calling != "auto":
+            return None
+        self.effective(spec)
+        return self._effective[2] if self._effective is not None else None
+
+    def detect_tool_calling(self, spec: ModelSpec) -> tuple[str, str]:
+        """An "auto" model's mode: engines that parse tool calls themselves."""
+        return "native", f"the {self.backend} engine parses tool calls"
 
     @abstractmethod
     def check(self) -> None:

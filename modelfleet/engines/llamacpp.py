@@ -92,6 +92,18 @@ class LlamaCppEngine(Engine):
             memory = size // (1 << 20) + 256 if size else 768
         return Resources(threads=engine.threads, memory_mib=memory, gpus=engine.gpus)
 
+    def detect_tool_calling(self, spec: ModelSpec) -> tuple[str, str]:
+        """From the GGUF's chat template, as llama-server's ``/props`` has it."""
+        from modelfleet.engines.template import tool_calling_of
+
+        try:
+            path = modelfiles.resolve(spec.engine.model_file, self.models_dir,  # type: ignore[union-attr]
+                                      spec.engine.pypi_package)  # type: ignore[union-attr]
+        except ModelFileMissing:
+            fallback = "grammar" if spec.capabilities.json_output else "none"
+            return fallback, "the model file is missing: its chat template could not be read"
+        return tool_calling_of(path, spec.capabilities.json_output)
+
     def check(self) -> None:
         find_llama_server(self._binary)
         engine = self.conf

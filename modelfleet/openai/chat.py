@@ -270,16 +270,28 @@ def validate_chat(spec: ModelSpec, body: ChatRequest) -> int:
     bounds.check_logit_bias(body.logit_bias, spec.limits)
     if body.tools:
         _check_tools(spec.limits, body.tools)
-    if spec.capabilities.tool_calling != "native":
+    if not native_tools(spec, body):
         tools.check(body)
     _check_response_format(spec.limits, body.response_format)
     bounds.check_metadata(body.metadata, spec.limits)
     return effective_max_tokens(spec, body.max_tokens, body.max_completion_tokens)
 
 
+def native_tools(spec: ModelSpec, body: ChatRequest) -> bool:
+    """Whether the engine gets ``tools`` as sent.  A forced call (``"required"``
+    or a named function) on a model that can emit JSON always goes through
+    the gateway's schema, even where the template takes tools: llama-server's
+    own "required" grammar lets prose come first (and drops a named
+    ``tool_choice``), and a forced call must be a call."""
+    if spec.capabilities.tool_calling != "native":
+        return False
+    plan = tools.plan_for(body)
+    return not (plan is not None and plan.mode != "auto" and spec.capabilities.json_output)
+
+
 def worker_body(spec: ModelSpec, body: ChatRequest, max_tokens: int) -> dict[str, Any]:
     """The validated request, re-serialised for the worker (never the raw bytes)."""
-    if spec.capabilities.tool_calling == "native":
+    if native_tools(spec, body):
         return _native_body(spec, body, max_tokens)
     plan = tools.plan_for(body)
     payload: dict[str, Any] = {
