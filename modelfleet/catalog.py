@@ -292,6 +292,28 @@ class Prices(_Strict):
     per_image: Annotated[int, Field(ge=0)] = 0
 
 
+class Placement(_Strict):
+    """Where a replica may run on a Ray cluster (``MODELFLEET_RAY_ADDRESS``);
+    ignored on one machine.  GPUs and memory come from the engine table."""
+
+    # Ray CPUs reserved per replica (default: the engine's threads).
+    num_cpus: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    # Custom Ray resources per replica: only nodes that declare them
+    # (``ray start --resources='{"a100": 8}'``) take it; e.g. {a100 = 1}.
+    resources: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(
+        default_factory=dict)
+    # Labels a node must carry (``ray start --labels``), e.g. {gpu-class = "h100"}.
+    node_labels: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _custom_only(self) -> Placement:
+        builtin = {"CPU", "GPU", "memory", "object_store_memory"} & set(self.resources)
+        if builtin:
+            raise ValueError(f"placement.resources: {', '.join(sorted(builtin))} is set by "
+                             "the engine (threads, gpus, memory_mib) or placement.num_cpus")
+        return self
+
+
 class ModelSpec(_Strict):
     id: Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][\w.\-/:]*$")]
     aliases: list[str] = Field(default_factory=list)
@@ -305,6 +327,7 @@ class ModelSpec(_Strict):
     capabilities: Capabilities = Field(default_factory=Capabilities)
     scaling: Scaling = Field(default_factory=Scaling)
     prices: Prices = Field(default_factory=Prices)
+    placement: Placement = Field(default_factory=Placement)
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> ModelSpec:
@@ -339,21 +362,38 @@ class Catalog:
 
     def __init__(self, models: list[ModelSpec], source: Path | None = None) -> None:
         self.source = source
-        self._models: dict[str, ModelSpec] = {}
-        self._routes: dict[str, str] = {}
+        self._models, self._routes = self._index(models, source)
+
+    @staticmethod
+    def _index(models: list[ModelSpec],
+               source: Path | str | None) -> tuple[dict[str, ModelSpec], dict[str, str]]:
+        by_id: dict[str, ModelSpec] = {}
+        routes: dict[str, str] = {}
         for spec in models:
-            if spec.id in self._routes:
+            if spec.id in routes:
                 raise CatalogError(f"{source}: model id {spec.id!r} is declared twice")
-            self._models[spec.id] = spec
-            self._routes[spec.id] = spec.id
+            by_id[spec.id] = spec
+            routes[spec.id] = spec.id
         for spec in models:
             for alias in spec.aliases:
-                if alias in self._routes:
+                if alias in routes:
                     raise CatalogError(
                         f"{source}: alias {alias!r} of {spec.id!r} is already "
-                        f"used by {self._routes[alias]!r}"
+                        f"used by {routes[alias]!r}"
                     )
-                self._routes[alias] = spec.id
+                routes[alias] = spec.id
+        return by_id, routes
+
+    def replace(self, models: list[ModelSpec], source: str = "the store") -> None:
+        """Serve ``models`` from now on (models managed at runtime,
+        ``catalogstore.py``): checked whole first, then swapped in one step, so
+        every holder of this catalog sees the old set or the new one."""
+        self._models, self._routes = self._index(models, source)
+
+    def check(self, models: list[ModelSpec], source: str = "the store") -> None:
+        """Raise CatalogError if ``models`` cannot be one catalog (an id or alias
+        used twice)."""
+        self._index(models, source)
 
     def __iter__(self) -> Iterator[ModelSpec]:
         return iter(self._models.values())
@@ -384,13 +424,33 @@ def load_catalog(path: Path | None = None) -> Catalog:
 
 def _describe(path: Path, raw: object, exc: ValidationError) -> str:
     lines = [f"{path}: invalid catalog"]
+    lines.extend(f"  {where}: {problem}" for where, problem in model_errors(raw, exc))
+    return "\n".join(lines)
+
+
+def model_errors(raw: object, exc: ValidationError) -> list[tuple[str, str]]:
+    """(where, what) for each problem, keys named as in the TOML file."""
+    out = []
     for err in exc.errors():
         loc = list(err["loc"])
         if err["type"] == "extra_forbidden":
-            lines.append(f"  {_where(raw, loc[:-1])}: unknown key {loc[-1]!r}")
+            out.append((_where(raw, loc[:-1]), f"unknown key {loc[-1]!r}"))
         else:
-            lines.append(f"  {_where(raw, loc)}: {err['msg']}")
-    return "\n".join(lines)
+            out.append((_where(raw, loc), err["msg"]))
+    return out
+
+
+def parse_model(raw: object) -> ModelSpec:
+    """One ``[[models]]`` table (as a dict: from TOML, or JSON through the admin
+    API and the CLI), validated exactly as in the catalog file; raises
+    pydantic's ValidationError (describe it with ``model_errors``)."""
+    return ModelSpec.model_validate(raw)
+
+
+def model_table(spec: ModelSpec) -> dict[str, object]:
+    """A model as its TOML table would be written: every key, JSON types; it
+    parses back to an equal spec (``parse_model``)."""
+    return spec.model_dump(mode="json")
 
 
 def _where(raw: object, loc: list[int | str]) -> str:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import json
 import logging
 import os
 import re
 import sys
+import tomllib
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -20,7 +22,10 @@ from rich.table import Table
 from rich.text import Text
 
 from modelfleet import reports
-from modelfleet.catalog import DEFAULT_CATALOG, Catalog, CatalogError, load_catalog
+from modelfleet.catalog import DEFAULT_CATALOG, Catalog, CatalogError, load_catalog, model_table
+from modelfleet.catalogstore import CatalogStore
+from modelfleet.catalogstore import merge as merge_tables
+from modelfleet.catalogstore import validate as validate_model
 from modelfleet.db import Database, migrate
 from modelfleet.errors import InvalidRequest, ModelfleetError, NotFound
 from modelfleet.keys import CreatedKey, KeyService, Scope
@@ -37,7 +42,8 @@ credits_app = typer.Typer(no_args_is_help=True,
 plans_app = typer.Typer(no_args_is_help=True, help="Plans (tiers): rate limits and priority.")
 prices_app = typer.Typer(no_args_is_help=True, help="Per-model prices over the catalog's.")
 usage_app = typer.Typer(no_args_is_help=True, help="Export usage records.")
-models_app = typer.Typer(no_args_is_help=True, help="Inspect the model catalog.")
+models_app = typer.Typer(no_args_is_help=True,
+                         help="The model catalog: list, add, update and remove models in the store.")
 app.add_typer(keys_app, name="keys")
 app.add_typer(projects_app, name="projects")
 app.add_typer(credits_app, name="credits")
@@ -104,7 +110,13 @@ def _with_keys(data_dir: Path | None, work: Callable[[KeyService], Awaitable[T]]
     return _with_db(data_dir, lambda db: work(KeyService(db)))
 
 
-def _catalog(path: Path | None) -> Catalog:
+def _catalog(path: Path | None, data_dir: Path | None) -> Catalog:
+    """The models of ``--catalog FILE``; without it, the store's (models added at
+    runtime included), or the built-in catalog's while no gateway seeded the store."""
+    if path is None:
+        specs = _with_db(data_dir, lambda db: CatalogStore(db).specs())
+        if specs:
+            return Catalog(specs)
     try:
         return load_catalog(path or DEFAULT_CATALOG)
     except CatalogError as exc:
@@ -161,6 +173,12 @@ def serve(
     redis_url: Annotated[str | None, typer.Option(
         help="Redis shared by several gateways for limits, holds and change fan-out "
              "(env MODELFLEET_REDIS_URL)")] = None,
+    ray_address: Annotated[str | None, typer.Option(
+        help="A Ray cluster (host:6379): each replica runs as a Ray actor on a node with "
+             "room for it, instead of a local process (env MODELFLEET_RAY_ADDRESS)")] = None,
+    root_path: Annotated[str, typer.Option(
+        help="The path prefix a reverse proxy serves modelfleet under (/mf), stripped by the "
+             "proxy; the console's links start with it (or send X-Forwarded-Prefix)")] = "",
 ) -> None:
     """Run the API and its fleet of model workers."""
     from modelfleet.api import server
@@ -170,7 +188,8 @@ def serve(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = _settings(data_dir, catalog_path=catalog or DEFAULT_CATALOG,
-                             database_url=database_url, redis_url=redis_url)
+                             database_url=database_url, redis_url=redis_url,
+                             ray_address=ray_address)
     except ValueError as exc:  # a MODELFLEET_HTTP_* value that is not a positive number
         _fail(f"settings: {exc}")
     settings = replace(settings, http=replace(settings.http, host=host, port=port))
@@ -181,6 +200,9 @@ def serve(
         err.print(f"[red]catalog error:[/red] {exc}", markup=True, highlight=False)
         raise typer.Exit(2) from None
     if workers > 1:
+        if root_path:
+            _fail("--root-path is for one process; with --workers, have the proxy send "
+                  "X-Forwarded-Prefix")
         _serve_workers(settings, len(parsed), workers, log_level)
         return
     services = Services.build(settings, parsed)
@@ -189,7 +211,15 @@ def serve(
     )
     err.print(f"modelfleet: data in {settings.data_dir}; {len(parsed)} models from "
               f"{settings.catalog_path}; listening on http://{host}:{port}/v1")
-    server.run(create_app(settings, services), settings.http, log_level=log_level)
+    app = create_app(settings, services)
+    if root_path:
+        from modelfleet.console.prefix import RootPath
+
+        try:
+            app = RootPath(app, root_path)
+        except ValueError as exc:
+            _fail(str(exc))
+    server.run(app, settings.http, log_level=log_level)
 
 
 def _serve_workers(settings: Settings, models: int, workers: int, log_level: str) -> None:
@@ -213,7 +243,8 @@ def _serve_workers(settings: Settings, models: int, workers: int, log_level: str
         "MODELFLEET_LOG_LEVEL": log_level,
     })
     for name, value in (("MODELFLEET_DATABASE_URL", settings.database_url),
-                        ("MODELFLEET_REDIS_URL", settings.redis_url)):
+                        ("MODELFLEET_REDIS_URL", settings.redis_url),
+                        ("MODELFLEET_RAY_ADDRESS", settings.ray_address)):
         if value:
             os.environ[name] = value
     err.print(f"modelfleet: data in {settings.data_dir}; {models} models from "
@@ -341,7 +372,7 @@ def projects_set(
             _fail("--models needs at least one model name (or use --all-models)")
     if plan is None and names is None and not all_models:
         _fail("nothing to change: give --plan, --models or --all-models")
-    parsed = _catalog(catalog)
+    parsed = _catalog(catalog, data_dir)
 
     async def work(db: Database) -> ProjectInfo:
         projects = await _project_service(db, parsed)
@@ -508,7 +539,7 @@ def prices_set(
     data_dir: DataDir = None,
 ) -> None:
     """Set a model's price, over the catalog's."""
-    parsed = _catalog(catalog)
+    parsed = _catalog(catalog, data_dir)
     spec = parsed.resolve(model)
     if spec is None:
         _fail(f"model {model!r} is not in the catalog")
@@ -529,7 +560,7 @@ def prices_set(
 @prices_app.command("list")
 def prices_list(catalog: CatalogOpt = None, data_dir: DataDir = None) -> None:
     """Effective prices of every catalog model (micro-units per million tokens)."""
-    parsed = _catalog(catalog)
+    parsed = _catalog(catalog, data_dir)
 
     async def work(db: Database) -> list[list[str]]:
         projects = await _project_service(db, parsed)
@@ -591,20 +622,124 @@ async def _write_csv(db: Database, project_id: str, key_id: str | None, since: d
 
 
 @models_app.command("list")
-def models_list(catalog: CatalogOpt = None) -> None:
-    """List the catalog's models, or report what is wrong with the file."""
-    try:
-        parsed = load_catalog(catalog or DEFAULT_CATALOG)
-    except CatalogError as exc:
-        err.print(f"catalog error: {exc}", markup=False, highlight=False)
-        raise typer.Exit(2) from None
+def models_list(catalog: CatalogOpt = None, data_dir: DataDir = None) -> None:
+    """List the store's models (what every gateway serves); with --catalog, check
+    a catalog file and list its models instead."""
+    if catalog is not None:
+        try:
+            specs = list(load_catalog(catalog))
+        except CatalogError as exc:
+            err.print(f"catalog error: {exc}", markup=False, highlight=False)
+            raise typer.Exit(2) from None
+    else:
+        specs = _with_db(data_dir, lambda db: CatalogStore(db).specs())
+        if not specs:
+            err.print("the store has no models yet (a gateway seeds it from its catalog file "
+                      "when it starts); the built-in catalog:", markup=False, highlight=False)
+            specs = list(load_catalog(DEFAULT_CATALOG))
     _print_rows(
         ["id", "kind", "aliases", "engine", "max output", "replicas", "concurrency"],
         [[spec.id, spec.kind.value, ", ".join(spec.aliases), spec.backend,
           str(spec.limits.max_output_tokens),
           f"{spec.scaling.min_replicas}-{spec.scaling.max_replicas}",
-          str(spec.scaling.concurrency)] for spec in parsed],
+          str(spec.scaling.concurrency)] for spec in sorted(specs, key=lambda s: s.id)],
     )
+
+
+def _model_tables(path: Path) -> list[Any]:
+    """The models in a file: TOML (``[[models]]`` tables, or one model's keys at
+    the top level) or JSON (.json: one object or a list)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        _fail(f"cannot read {path}: {exc.strerror}")
+    try:
+        raw: Any = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        _fail(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}")
+    if isinstance(raw, dict) and set(raw) == {"models"} and isinstance(raw["models"], list):
+        return list(raw["models"])
+    return raw if isinstance(raw, list) else [raw]
+
+
+def _setting(assignment: str) -> dict[str, Any]:
+    """``limits.max_output_tokens=64`` as a nested table; the value is read as a
+    TOML value (``64``, ``1.5``, ``true``, ``["a", "b"]``, ``"text"``), else as text."""
+    key, sep, value = assignment.partition("=")
+    if not sep or not key.strip():
+        _fail(f"--set takes KEY=VALUE (a dotted key as in the catalog file), got {assignment!r}")
+    try:
+        parsed: Any = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()
+    for part in reversed(key.strip().split(".")):
+        parsed = {part: parsed}
+    return dict(parsed)
+
+
+@models_app.command("add")
+def models_add(
+    path: Annotated[Path, typer.Argument(help="A TOML file with [[models]] tables (as in the "
+                                              "catalog), or a .json file")],
+    data_dir: DataDir = None,
+) -> None:
+    """Add models to the store; every gateway serves them within a second."""
+    tables = _model_tables(path)
+
+    async def work(db: Database) -> list[str]:
+        specs = [validate_model(table) for table in tables]
+        await CatalogStore(db).add_many(specs)  # all of them, or none
+        return [spec.id for spec in specs]
+
+    for model_id in _with_db(data_dir, work):
+        err.print(Text(f"added model {model_id}"))
+
+
+@models_app.command("update")
+def models_update(
+    model: Annotated[str, typer.Argument(help="Model id or alias")],
+    path: Annotated[Path | None, typer.Option("--file", help="TOML or .json file with the keys "
+                                                             "to change")] = None,
+    settings: Annotated[list[str] | None, typer.Option(
+        "--set", help="KEY=VALUE, a dotted key as in the catalog file "
+                      "(limits.max_output_tokens=64); repeatable")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Change a model in the store: the keys given are merged over its table,
+    then the whole model is checked; every gateway uses it within a second."""
+    patch: dict[str, Any] = {}
+    if path is not None:
+        tables = _model_tables(path)
+        if len(tables) != 1 or not isinstance(tables[0], dict):
+            _fail(f"{path}: give the keys of one model")
+        patch = merge_tables(patch, tables[0])
+    for assignment in settings or []:
+        patch = merge_tables(patch, _setting(assignment))
+    if not patch:
+        _fail("nothing to change: give --file or --set")
+    spec = _with_db(data_dir, lambda db: CatalogStore(db).update(model, patch))
+    err.print(Text(f"updated model {spec.id}"))
+
+
+@models_app.command("remove")
+def models_remove(
+    model: Annotated[str, typer.Argument(help="Model id or alias")],
+    data_dir: DataDir = None,
+) -> None:
+    """Remove a model from the store: new requests get 404 within a second; running
+    ones finish, then its replicas stop."""
+    spec = _with_db(data_dir, lambda db: CatalogStore(db).remove(model))
+    err.print(Text(f"removed model {spec.id}"))
+
+
+@models_app.command("show")
+def models_show(
+    model: Annotated[str, typer.Argument(help="Model id or alias")],
+    data_dir: DataDir = None,
+) -> None:
+    """A model of the store as JSON (the keys of its [[models]] table)."""
+    spec = _with_db(data_dir, lambda db: CatalogStore(db).get(model))
+    print(json.dumps(model_table(spec), indent=2))
 
 
 @models_app.command("make-tiny-image")

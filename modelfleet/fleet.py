@@ -28,10 +28,24 @@ from typing import Any
 from modelfleet.catalog import Catalog, ModelSpec
 from modelfleet.engines.base import Engine, LaunchPlan, ModelFileMissing, Resources, engine_for
 from modelfleet.engines.http import WorkerClient
-from modelfleet.fleetshare import FleetShare, ModelNote, RemoteLoad, ReplicaNote, share_of
+from modelfleet.fleetshare import (
+    FleetShare,
+    ModelNote,
+    RemoteLoad,
+    ReplicaNote,
+    board_for,
+    share_of,
+)
 from modelfleet.ids import short_id
 from modelfleet.settings import FleetSettings, Settings
-from modelfleet.supervisor import Replica, ReplicaState, StartFailed, free_port
+from modelfleet.supervisor import (
+    LOCAL,
+    Launcher,
+    Replica,
+    ReplicaState,
+    StartFailed,
+    free_port,
+)
 from modelfleet.tasks import TaskOwner
 
 log = logging.getLogger(__name__)
@@ -80,9 +94,12 @@ class ModelPool:
         owner: TaskOwner,
         clock: Callable[[], float] = time.monotonic,
         ask_owner: Callable[[], None] = lambda: None,
+        launcher: Launcher = LOCAL,
     ) -> None:
         self.spec = spec
         self.engine = engine
+        # Where its replicas' processes run: here, or on a Ray cluster (rayfleet.py).
+        self.launcher = launcher
         self.client = client
         self.settings = settings
         self.fleet_settings = settings.fleet
@@ -153,7 +170,10 @@ class ModelPool:
         checked_at, problem = self._file_check
         if now - checked_at > 10.0:
             try:
-                self.engine.check()
+                if self.launcher.checks_files_here:
+                    self.engine.check()
+                # else: the node that prepares a replica reports missing files
+                # (``_prepare``), and the next request after 10s tries again.
                 problem = None
             except ModelFileMissing as exc:
                 problem = str(exc)
@@ -278,22 +298,36 @@ class ModelPool:
             client=self.client,
             settings=self.fleet_settings,
             clock=self.clock,
+            launcher=self.launcher,
         )
         replica.resources = self.engine.resources()
         replica.share = share_of(replica.slots, self.gateways)
         self.replicas.append(replica)
+        if self.room is not None:
+            self.room.place(replica)
         self.owner.spawn(self._run(replica), replica.id)
 
     async def _prepare(self, replica: Replica) -> bool:
-        """Build the launch plan in a thread (it may assemble weights: hundreds of MB)."""
+        """Build the launch plan where the replica will run (here: in a thread,
+        it may assemble weights, hundreds of MB; on Ray: in its actor)."""
         try:
-            replica.plan = await asyncio.to_thread(self.engine.launch, replica.port)
+            await self.launcher.prepare(replica, self.engine)
         except ModelFileMissing as exc:
+            await replica.stop(grace_s=1.0)
             self._forget(replica)
             replica.state = ReplicaState.failed
             self._file_check = (self.clock(), str(exc))
             self.on_unavailable(str(exc))
             return False
+        except StartFailed as exc:  # no place took it (a Ray cluster without room)
+            await replica.stop(grace_s=1.0)
+            replica.state = ReplicaState.failed
+            replica.failure = str(exc)
+            self._start_failed(replica, str(exc))
+            return False
+        except asyncio.CancelledError:
+            await replica.stop(grace_s=1.0)
+            raise
         return True
 
     async def _run(self, replica: Replica) -> None:
@@ -366,7 +400,7 @@ class ModelPool:
             if not exited.done():
                 exited.cancel()
         if replica.state is ReplicaState.ready:
-            self.replica_died(replica, f"worker exited with code {code}")
+            self.replica_died(replica, replica.exit_reason or f"worker exited with code {code}")
 
     def replica_died(self, replica: Replica, reason: str) -> None:
         """A replica that was serving is gone: forget it and replace it (backoff)."""
@@ -517,7 +551,10 @@ class ModelPool:
         for note in notes:
             if note.id in self._shunned:
                 continue
-            replica = known.pop(note.id, None) or self._mirrored(note)
+            replica = known.pop(note.id, None)
+            if replica is None or (replica.base_url, replica.headers) != (note.base_url,
+                                                                          note.headers):
+                replica = self._mirrored(note)  # new, or its address is known only now (Ray)
             ready = ReplicaState(note.state) is ReplicaState.ready
             gained = gained or (ready and replica.state is not ReplicaState.ready)
             replica.state = ReplicaState(note.state)
@@ -573,6 +610,10 @@ class Room:
         self.budget = budget
         self.pools = pools
 
+    def place(self, replica: Replica) -> None:
+        """A replica was launched after ``reserve`` said yes (on one machine,
+        nothing to record; on a cluster, the node chosen for it)."""
+
     def used(self) -> Resources:
         total = Resources()
         for pool in self.pools.values():
@@ -617,6 +658,28 @@ class Room:
                 pool.scale_for_demand()
 
 
+def launcher_for(settings: Settings) -> Launcher:
+    """Local processes, or Ray actors with a Ray address (ray is imported only then)."""
+    if settings.ray_address:
+        try:
+            from modelfleet.rayfleet import RayLauncher
+        except ImportError as exc:
+            raise RuntimeError(f"a Ray address is set ({settings.ray_address}) but Ray cannot "
+                               f"be imported ({exc}): install modelfleet[ray]") from None
+        return RayLauncher(settings)
+    return LOCAL
+
+
+def room_for(launcher: Launcher, settings: Settings, pools: dict[str, ModelPool]) -> Room:
+    """This machine's budget, or the Ray cluster's nodes."""
+    if settings.ray_address:
+        from modelfleet.rayfleet import RayLauncher, RayRoom
+
+        assert isinstance(launcher, RayLauncher)
+        return RayRoom(launcher, pools)
+    return Room(machine_budget(settings.fleet), pools)
+
+
 class Fleet:
     """All pools, the idle reaper, and shutdown; and this process's part in a
     fleet shared by several gateway processes (owner or follower)."""
@@ -630,38 +693,134 @@ class Fleet:
     ) -> None:
         self.settings = settings
         self.client = client
+        self.clock = clock
         self.owner = TaskOwner("fleet")
         self.pools: dict[str, ModelPool] = {}
-        self.share = FleetShare(settings.data_dir / "fleet", self.pools)
+        # The data folder's fleet/ (one machine), or a Ray actor (MODELFLEET_RAY_ADDRESS).
+        self.share = FleetShare(board_for(settings), self.pools)
+        self._reaper_task: asyncio.Task[None] | None = None
+        self._connecting: asyncio.Task[None] | None = None
+        # Where replicas run: local processes, or Ray actors (rayfleet.py).
+        self.launcher = launcher_for(settings)
         for spec in catalog:
-            engine = engine_for(spec, settings.models_dir, settings.fleet.llama_server)
-            self.pools[spec.id] = ModelPool(spec, engine, client, settings, self.owner, clock,
-                                            ask_owner=self.share.wake)
-        self.room = Room(machine_budget(settings.fleet), self.pools)
+            self.pools[spec.id] = self._make_pool(spec)
+        self.room = room_for(self.launcher, settings, self.pools)
         for pool in self.pools.values():
             pool.room = self.room
+        self.started = False
+        # Pools of models removed or replaced at runtime, until their running
+        # requests have finished and their replicas have stopped.
+        self.draining: set[ModelPool] = set()
+
+    def _make_pool(self, spec: ModelSpec) -> ModelPool:
+        engine = engine_for(spec, self.settings.models_dir, self.settings.fleet.llama_server)
+        return ModelPool(spec, engine, self.client, self.settings, self.owner, self.clock,
+                         ask_owner=self.share.wake, launcher=self.launcher)
+
+    # -- models added, changed and removed at runtime (catalogstore.py) -----------
+
+    def add_pool(self, spec: ModelSpec) -> tuple[ModelPool, ModelPool | None]:
+        """A new pool for ``spec`` (a model added, or changed so that its
+        replicas must be launched anew), routed to from now on; the pool it
+        replaces, if any, drains (``retire``).  Returns (new, replaced)."""
+        pool = self._make_pool(spec)
+        pool.room = self.room
+        old = self.pools.get(spec.id)
+        self.pools[spec.id] = pool
+        if old is not None:
+            pool.events = old.events  # one model, one history of scale decisions
+        if self.started:
+            pool.follower = not self.share.owned
+            if not pool.follower:
+                pool.scale_for_demand()  # min_replicas > 0 starts now
+        return pool, old
+
+    def remove_pool(self, model_id: str) -> ModelPool | None:
+        """Stop routing new work to a removed model's pool (it drains: ``retire``)."""
+        return self.pools.pop(model_id, None)
+
+    def retire(self, pool: ModelPool) -> asyncio.Task[None]:
+        """Drain a pool that left ``pools``: the requests it has (running, and
+        queued while its queue still points at it) finish, then its replicas
+        stop.  Waits at most the model's run cap (``max_run_s``)."""
+        self.draining.add(pool)
+        pool.desired = 0
+        return self.owner.spawn(self._drain(pool), f"{pool.spec.id}:drain")
+
+    async def _drain(self, pool: ModelPool) -> None:
+        give_up = self.clock() + pool.spec.scaling.run_cap_s + pool.spec.scaling.request_timeout_s
+        try:
+            while self.clock() < give_up:
+                busy = pool.waiting() > 0 or any(r.outstanding or r.remote_outstanding
+                                                 for r in pool.replicas)
+                if not busy:
+                    break
+                await asyncio.sleep(0.1)  # polled: the requests settle in their own tasks
+            log.info("model %s drained; stopping its %d replicas", pool.spec.id,
+                     len(pool.replicas))
+            if pool.live_replicas:
+                pool._record(pool.live_replicas, 0, "model removed or replaced; drained")
+            pool.desired = 0
+            await pool.stop_all()
+        finally:
+            self.draining.discard(pool)
 
     def start(self) -> None:
         """Own the fleet, unless another process on this data folder does: then
         follow it (and take over when it is gone)."""
+        self.started = True
         if self.share.try_own():
             self._own()
         else:
-            log.info("another process owns the fleet of %s; following it",
-                     self.settings.data_dir)
+            if self.settings.ray_address:  # the board answers at its first exchange
+                log.info("following the fleet's owner on the Ray board (%s) until this "
+                         "process may own it", self.settings.ray_address)
+            else:
+                log.info("another process owns the fleet of %s; following it",
+                         self.settings.data_dir)
             for pool in self.pools.values():
                 pool.follower = True
-        self.owner.spawn(self.share.run(self._take_over), "share")
+        self.owner.spawn(self.share.run(self._take_over, self._step_down), "share")
 
     def _own(self) -> None:
+        if not self.launcher.ready:  # a Ray cluster: connect first (rayfleet.py)
+            if self._connecting is None or self._connecting.done():
+                self._connecting = self.owner.spawn(self._connect_then_own(), "connect")
+            return
         for pool in self.pools.values():
             pool.scale_for_demand()  # min_replicas > 0 starts now
-        self.owner.spawn(self._reaper(), "reaper")
+        self._reaper_task = self.owner.spawn(self._reaper(), "reaper")
+
+    async def _connect_then_own(self) -> None:
+        await self.launcher.connect()  # retries until it reaches the cluster
+        if self.share.owned:  # still (another gateway may have taken over meanwhile)
+            self._own()
 
     def _take_over(self) -> None:
         for pool in self.pools.values():
             pool.take_over()
         self._own()
+
+    def _step_down(self) -> None:
+        """Another gateway owns the fleet now (this one could not renew its
+        lease in time, on a shared board): stop deciding and stop this
+        process's replicas; the next steps mirror the new owner's."""
+        if self._reaper_task is not None:
+            self._reaper_task.cancel()
+            self._reaper_task = None
+        for pool in self.pools.values():
+            if pool._delayed_start is not None:
+                pool._delayed_start.cancel()
+                pool._delayed_start = None
+            pool.follower = True
+            pool.announced = None
+            pool.remote = RemoteLoad()
+            pool.desired = 0
+            pool.blocked = None
+            replicas, pool.replicas = list(pool.replicas), []
+            for replica in replicas:
+                replica.state = ReplicaState.draining
+                self.owner.spawn(replica.stop(), f"{replica.id}:step-down")
 
     async def _reaper(self) -> None:
         """Every reap interval: stop idle replicas, re-decide scale (sustained
@@ -669,7 +828,7 @@ class Fleet:
         while True:
             await asyncio.sleep(self.settings.fleet.reap_interval_s)
             self.tick()
-            for pool in self.pools.values():
+            for pool in list(self.pools.values()):  # a model may be added meanwhile
                 try:
                     await pool.reap_idle()
                 except Exception:  # keep reaping the other models
@@ -686,6 +845,9 @@ class Fleet:
 
     async def close(self) -> None:
         self.share.leave()  # followers stop routing to this process's replicas now
+        with contextlib.suppress(Exception):
+            await self.share.flush()
         await self.owner.close()
-        await asyncio.gather(*(p.stop_all() for p in self.pools.values()))
-        self.share.close()  # a follower takes over
+        await asyncio.gather(*(p.stop_all() for p in [*self.pools.values(), *self.draining]))
+        await self.launcher.close()
+        await self.share.aclose()  # a follower takes over

@@ -30,6 +30,11 @@ up, and a replica another gateway uses is not reaped as idle.
 
 Each gateway counts its own requests per replica, so each uses a share of a
 replica's slots: ``ceil(slots / gateways)`` (see ``share_of``).
+
+Where the gateways meet is a *board* (``Board``): this folder by default
+(``FleetFolder``, gateways on one machine), or, with a Ray address, a named
+detached Ray actor every gateway on every machine reaches (``rayboard.py``),
+where ownership is a lease the owner renews.  The protocol is the same.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
@@ -53,6 +58,7 @@ from modelfleet.workers.common import pid_alive
 
 if TYPE_CHECKING:
     from modelfleet.fleet import ModelPool, ScaleEvent
+    from modelfleet.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +67,7 @@ HEARTBEAT_S = 0.5  # the owner touches owner.lock this often
 REPORT_EVERY_S = 1.0  # a follower rewrites its demand file at least this often
 STALE_S = 3.0  # an announcement or report this old is from a dead or hung process
 LOCK_RETRY_S = 0.5  # a follower tries to take the lock this often
+REMIRROR_S = 1.0  # a follower mirrors an unchanged announcement again this often
 
 
 def share_of(slots: int, gateways: int) -> int:
@@ -231,11 +238,83 @@ def total_load(reports: Iterable[DemandReport]) -> dict[str, RemoteLoad]:
     return out
 
 
+# -- the board -----------------------------------------------------------------------
+
+
+class Board(Protocol):
+    """Where the gateways sharing one fleet meet: who owns it, what the owner
+    announces, its scale events, and the followers' demand.
+
+    Every call but ``exchange``, ``pause`` and ``aclose`` is synchronous and
+    cheap (a file, or what the last exchange brought): ``FleetShare.step``
+    runs them on the event loop.  A board whose store is remote sends what
+    they wrote, and fetches what they read, in ``exchange``.
+    """
+
+    kind: str
+
+    def join(self, gateway: str) -> None:
+        """This process's gateway id (before the first call)."""
+
+    def try_acquire(self) -> bool:
+        """Own the fleet if no live gateway does; True while this one owns it."""
+
+    def holds(self) -> bool:
+        """Whether this gateway still owns the fleet (a lease may be lost)."""
+
+    def release(self) -> None: ...
+
+    def beat(self) -> None:
+        """The owner is alive (a heartbeat)."""
+
+    def owner_alive(self, announcement: Announcement, now: float) -> bool:
+        """Whether the gateway that wrote ``announcement`` still owns the fleet."""
+
+    def publish(self, announcement: Announcement) -> None: ...
+
+    def publish_events(self, events: list[ScaleEvent]) -> None: ...
+
+    def read_events(self) -> list[dict[str, Any]]: ...
+
+    def changed_announcement(self) -> Announcement | None:
+        """The announcement if it changed since the last call, else None."""
+
+    def report(self, report: DemandReport) -> None: ...
+
+    def withdraw(self, gateway: str) -> None: ...
+
+    def reports(self, now: float) -> list[DemandReport]:
+        """The followers' fresh reports (read by the owner)."""
+
+    async def exchange(self) -> None:
+        """Send what was written and fetch what is read (remote boards)."""
+
+    async def pause(self, seconds: float) -> None:
+        """Until the next step: ``seconds``, or less when there is news to send."""
+
+    async def aclose(self) -> None:
+        """Send what is left (a release, a withdrawal) and let go."""
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+def board_for(settings: Settings) -> Board:
+    """The data folder's ``fleet/`` (one machine), or a Ray actor (a cluster)."""
+    if settings.ray_address:
+        from modelfleet.rayboard import RayBoard
+
+        return RayBoard(settings.ray_address)
+    return FleetFolder(settings.data_dir / "fleet")
+
+
 # -- the folder ----------------------------------------------------------------------
 
 
 class FleetFolder:
-    """The files of ``<data dir>/fleet``: read only when they changed."""
+    """The files of ``<data dir>/fleet``: read only when they changed (the
+    default board: several gateways on one machine)."""
+
+    kind = "folder"
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -246,6 +325,34 @@ class FleetFolder:
         self._announce_seen: tuple[int, int] | None = None
         self._reports: dict[str, tuple[int, DemandReport]] = {}
         self._listed = -1  # demand/'s mtime when last listed
+
+    def join(self, gateway: str) -> None:
+        pass
+
+    def try_acquire(self) -> bool:
+        return self.lock.try_acquire()
+
+    def holds(self) -> bool:
+        return self.lock.held  # a flock is never lost while the process lives
+
+    def release(self) -> None:
+        self.lock.release()
+
+    def owner_alive(self, announcement: Announcement, now: float) -> bool:
+        """Its writer lives and is not hung (its heartbeat is recent)."""
+        return pid_alive(announcement.pid) and now - self.last_beat() < STALE_S
+
+    async def exchange(self) -> None:
+        pass
+
+    async def pause(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    async def aclose(self) -> None:
+        pass
+
+    def describe(self) -> dict[str, Any]:
+        return {"board": self.kind}
 
     def publish(self, announcement: Announcement) -> None:
         write_atomic(self.announce_path, announcement.encode())
@@ -386,18 +493,22 @@ def _events_signature(pools: Iterable[ModelPool]) -> str:
 
 
 class FleetShare:
-    """This process's part in one data folder's fleet: the owner or a follower.
+    """This process's part in a shared fleet: the owner or a follower.
 
     ``run`` is one background loop for both roles; ``take_over`` (given by the
-    fleet) is called when this process becomes the owner.
+    fleet) is called when this process becomes the owner, ``step_down`` when
+    it lost the fleet to another gateway (a lease it could not renew in time).
+    ``board``: a ``Board``, or a data folder's ``fleet/`` (``FleetFolder``).
     """
 
-    def __init__(self, folder: Path, pools: dict[str, ModelPool],
+    def __init__(self, board: Board | Path, pools: dict[str, ModelPool],
                  wall: Callable[[], float] = time.time) -> None:
-        self.files = FleetFolder(folder)
+        self.board: Board = FleetFolder(board) if isinstance(board, Path) else board
+        self.files = self.board  # the name the folder-only code knew it by
         self.pools = pools
         self.wall = wall
         self.gateway = f"{os.getpid()}-{short_id()}"
+        self.board.join(self.gateway)
         self.owned = False
         self.gateways = 1
         self.owner_pid: int | None = None
@@ -413,28 +524,45 @@ class FleetShare:
         self._announced: Announcement | None = None
         self._reported: tuple[bytes, float] = (b"", -math.inf)
         self._wake_pending = False
+        self._remirrored = -math.inf
 
     # -- both ----------------------------------------------------------------------
 
     def try_own(self) -> bool:
         self._lock_tried = time.monotonic()
-        if self.files.lock.try_acquire():
+        if self.board.try_acquire():
             self.owned = True
             self.owner_pid = os.getpid()
             self.gateways = 1
             self._latest = self._announced = None
-            self.files.withdraw(self.gateway)
+            self.board.withdraw(self.gateway)
         return self.owned
 
-    async def run(self, take_over: Callable[[], None]) -> None:
+    async def run(self, take_over: Callable[[], None],
+                  step_down: Callable[[], None] = lambda: None) -> None:
         while True:
-            self.step(take_over)
-            await asyncio.sleep(POLL_S)
+            await self.board.exchange()  # a remote board: fetch, and send the last step's news
+            self.step(take_over, step_down)
+            await self.board.pause(POLL_S)  # a remote board: at once when the step wrote
 
-    def step(self, take_over: Callable[[], None]) -> None:
+    async def flush(self) -> None:
+        """Send what the board holds for others now (a remote board)."""
+        await self.board.exchange()
+
+    def step(self, take_over: Callable[[], None],
+             step_down: Callable[[], None] = lambda: None) -> None:
         try:
-            if (not self.owned and time.monotonic() - self._lock_tried >= LOCK_RETRY_S
-                    and self.try_own()):
+            if self.owned and not self.board.holds():
+                log.warning("this process (pid %s) no longer owns the fleet; following "
+                            "its new owner", os.getpid())
+                self.owned = False
+                self.owner_pid = None
+                self._latest = self._announced = None
+                self._announced_content = b""
+                self._events_sig = ""
+                step_down()
+            if (not self.owned and (time.monotonic() - self._lock_tried >= LOCK_RETRY_S
+                                    or self.board.holds()) and self.try_own()):
                 log.info("this process (pid %s) now owns the fleet", os.getpid())
                 take_over()
             if self.owned:
@@ -446,13 +574,16 @@ class FleetShare:
 
     def describe(self) -> dict[str, Any]:
         return {"owner": self.owned, "owner_pid": self.owner_pid, "gateways": self.gateways,
-                "gateway": self.gateway}
+                "gateway": self.gateway,
+                "owner_gateway": self.gateway if self.owned else (
+                    self._announced.owner if self._announced is not None else None),
+                **self.board.describe()}
 
     # -- owner ---------------------------------------------------------------------
 
     def owner_step(self) -> None:
         now = self.wall()
-        reports = self.files.reports(now)
+        reports = self.board.reports(now)
         if reports or self.gateways > 1:  # alone, and alone before: nothing to add
             self._set_gateways(1 + len(reports))
             loads = total_load(reports)
@@ -460,7 +591,7 @@ class FleetShare:
                 pool.take_load(loads.get(model_id, RemoteLoad()), self.wall)
         self._publish(now)
         if now - self._beat >= HEARTBEAT_S:
-            self.files.beat()
+            self.board.beat()
             self._beat = now
 
     def _set_gateways(self, gateways: int) -> None:
@@ -473,7 +604,7 @@ class FleetShare:
     def _publish(self, now: float) -> None:
         signature = _events_signature(self.pools.values())
         if signature != self._events_sig:
-            self.files.publish_events(
+            self.board.publish_events(
                 sorted((e for p in self.pools.values() for e in p.events), key=lambda e: e.at))
             self._events_sig = signature
         if self.gateways == 1 and now - self._compared < HEARTBEAT_S:
@@ -482,7 +613,7 @@ class FleetShare:
         body = {model_id: note_of(pool) for model_id, pool in self.pools.items()}
         content = orjson.dumps([body, self.gateways, signature])
         if content != self._announced_content:
-            self.files.publish(Announcement(owner=self.gateway, pid=os.getpid(), at=now,
+            self.board.publish(Announcement(owner=self.gateway, pid=os.getpid(), at=now,
                                             gateways=self.gateways, events=signature,
                                             models=body))
             self._announced_content = content
@@ -492,7 +623,7 @@ class FleetShare:
         followers stop routing to them now."""
         if self.owned:
             with contextlib.suppress(OSError):
-                self.files.publish(Announcement(owner=self.gateway, pid=os.getpid(),
+                self.board.publish(Announcement(owner=self.gateway, pid=os.getpid(),
                                                 at=self.wall(), gateways=self.gateways,
                                                 events=self._events_sig, models={}))
 
@@ -500,9 +631,14 @@ class FleetShare:
         """Leave the fleet: an owner lets the lock go (a follower takes over); a
         follower withdraws its report."""
         if not self.owned:
-            self.files.withdraw(self.gateway)
-        self.files.lock.release()
+            self.board.withdraw(self.gateway)
+        self.board.release()
         self.owned = False
+
+    async def aclose(self) -> None:
+        """``close``, then let the board send it (a remote board)."""
+        self.close()
+        await self.board.aclose()
 
     # -- follower ------------------------------------------------------------------
 
@@ -528,17 +664,22 @@ class FleetShare:
 
     def follower_step(self) -> None:
         now = self.wall()
-        latest = self._latest = self.files.changed_announcement() or self._latest
-        if latest is not None and not (
-                pid_alive(latest.pid) and now - self.files.last_beat() < STALE_S):
+        latest = self._latest = self.board.changed_announcement() or self._latest
+        if latest is not None and not self.board.owner_alive(latest, now):
             latest = None  # its owner is dead, or hung (followed again if it recovers)
         self._follow(latest)
         self._report(now)
 
     def _follow(self, announcement: Announcement | None) -> None:
         previous, self._announced = self._announced, announcement
+        now = time.monotonic()
         if announcement is previous:
+            if announcement is not None and now - self._remirrored >= REMIRROR_S:
+                self._remirrored = now  # replicas it stopped routing to may be back
+                for model_id, pool in self.pools.items():
+                    pool.mirror(announcement.models.get(model_id), self.gateways)
             return
+        self._remirrored = now
         self.owner_pid = announcement.pid if announcement else None
         self.gateways = announcement.gateways if announcement else 1
         if announcement is None:
@@ -553,7 +694,7 @@ class FleetShare:
         from modelfleet.fleet import ScaleEvent
 
         by_model: dict[str, list[ScaleEvent]] = {}
-        for raw in self.files.read_events():
+        for raw in self.board.read_events():
             with contextlib.suppress(TypeError):
                 event = ScaleEvent(**raw)
                 by_model.setdefault(event.model, []).append(event)
@@ -566,6 +707,6 @@ class FleetShare:
         content = orjson.dumps(models)
         if content == self._reported[0] and now - self._reported[1] < REPORT_EVERY_S:
             return
-        self.files.report(DemandReport(gateway=self.gateway, pid=os.getpid(), at=now,
+        self.board.report(DemandReport(gateway=self.gateway, pid=os.getpid(), at=now,
                                        models=models))
         self._reported = (content, now)

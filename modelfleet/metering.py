@@ -84,6 +84,13 @@ def conversation_prefix(payload: dict[str, Any]) -> str | None:
     return hashlib.blake2b(raw.encode(), digest_size=12).hexdigest()
 
 
+def discounted(prices: tuple[int, int], pct: int) -> tuple[int, int]:
+    """Per-million prices less ``pct`` percent, rounded down to a micro-unit."""
+    if not pct:
+        return prices
+    return prices[0] * (100 - pct) // 100, prices[1] * (100 - pct) // 100
+
+
 @dataclass
 class Ticket:
     """What one admitted request holds."""
@@ -140,9 +147,11 @@ class Metering:
         return await self.store.peek(plan, principal.key_id, principal.project_id)
 
     def ask(self, request_id: str, principal: Principal, spec: ModelSpec,
-            payload: dict[str, Any], max_tokens: int) -> tuple[Ask, tuple[int, int]]:
-        """The worst case of a token request: prompt upper bound plus every output token."""
-        prices = self.projects.prices(spec)
+            payload: dict[str, Any], max_tokens: int, *,
+            discount_pct: int = 0) -> tuple[Ask, tuple[int, int]]:
+        """The worst case of a token request: prompt upper bound plus every output
+        token, at the model's prices less ``discount_pct`` percent (batch lines)."""
+        prices = discounted(self.projects.prices(spec), discount_pct)
         prompt_max = prompt_upper_bound(spec, payload)
         output_max = max_tokens * completions_count(payload)
         ask = Ask(request_id, self.projects.plan_of(principal.project_id), principal.key_id,

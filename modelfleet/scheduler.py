@@ -70,10 +70,26 @@ class ModelQueue:
         self._running: dict[str, int] = {}
         self._caps: dict[str, int | None] = {}
         self._affinity: OrderedDict[str, str] = OrderedDict()
+        self._wire(pool)
+
+    def _wire(self, pool: ModelPool) -> None:
         pool.demand = self.demand
         pool.waiting = lambda: self.waiting
         pool.on_capacity = self.dispatch
         pool.on_unavailable = self.fail_waiters
+
+    def rebind(self, pool: ModelPool) -> None:
+        """The model was changed at runtime and has a new pool: the requests
+        waiting here go to it; the old pool (draining) no longer sees them.
+        Leases on the old pool's replicas are released here as before."""
+        old, self.pool = self.pool, pool
+        old.demand = old.waiting = lambda: 0
+        old.on_capacity = lambda: None
+        old.on_unavailable = lambda reason: None
+        self._wire(pool)
+        self._affinity.clear()
+        if self.waiting:
+            self.dispatch()
 
     @property
     def waiting(self) -> int:
@@ -212,6 +228,7 @@ class Scheduler:
     """The queues of all models, built over the fleet."""
 
     def __init__(self, fleet: Fleet, stats_window_s: float) -> None:
+        self.stats_window_s = stats_window_s
         self.queues: dict[str, ModelQueue] = {
             model_id: ModelQueue(pool, RecentStats(stats_window_s))
             for model_id, pool in fleet.pools.items()
@@ -219,3 +236,15 @@ class Scheduler:
 
     def queue(self, model_id: str) -> ModelQueue:
         return self.queues[model_id]
+
+    def attach(self, pool: ModelPool) -> ModelQueue:
+        """The queue of a pool added or replaced at runtime: the model's queue
+        if it has one (kept, with its waiting requests and recent stats),
+        else a new one.  A removed model's queue stays (a request settling
+        after its model was removed still finds it; one added again reuses it)."""
+        queue = self.queues.get(pool.spec.id)
+        if queue is None:
+            queue = self.queues[pool.spec.id] = ModelQueue(pool, RecentStats(self.stats_window_s))
+        elif queue.pool is not pool:
+            queue.rebind(pool)
+        return queue

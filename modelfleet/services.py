@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from modelfleet.admission import AdmissionStore, MemoryAdmission
+from modelfleet.batches import BatchService
 from modelfleet.catalog import Catalog, load_catalog
+from modelfleet.catalogstore import CatalogStore, CatalogSync
 from modelfleet.db import Database, VersionProbe, migrate
 from modelfleet.engines.http import WorkerClient
-from modelfleet.fleet import Fleet
+from modelfleet.files import FileStore
+from modelfleet.fleet import Fleet, ModelPool
 from modelfleet.gateway import Gateway
 from modelfleet.jobs import JobService, Signer
 from modelfleet.keys import CreatedKey, KeyService, Scope
@@ -43,9 +47,13 @@ class StoreWatcher:
         self.ledger = ledger
         self.version = -1
         self._lock = asyncio.Lock()
+        # The catalog's models, managed at runtime (catalogstore.py).
+        self.catalog: CatalogSync | None = None
 
     async def start(self) -> None:
         self.version = await self.probe.read()
+        if self.catalog is not None:
+            await self.catalog.refresh()
         await self.projects.load()
         await self.ledger.load(self.version)
 
@@ -57,6 +65,8 @@ class StoreWatcher:
             version = await self.probe.read()
             if version == self.version:
                 return
+            if self.catalog is not None:
+                await self.catalog.refresh()  # a model added, changed or removed
             self.keys.forget_cached()
             await self.projects.load()
             await self.ledger.catch_up(version)
@@ -89,8 +99,11 @@ class Services:
     metrics: Metrics
     background: TaskOwner
     jobs: JobService
+    batches: BatchService  # the Batch API's runner, and its files
     # Admin changes fanned out over Redis (with MODELFLEET_REDIS_URL).
     feed: ChangeFeed | None = None
+    # The catalog in the store: models added, changed and removed at runtime.
+    models: CatalogSync | None = None
     # Called with the key made on first start, to show it once to the operator.
     on_bootstrap_key: Callable[[CreatedKey], None] = lambda key: None
 
@@ -101,6 +114,7 @@ class Services:
         client = WorkerClient()
         fleet = Fleet(catalog, settings, client)
         scheduler = Scheduler(fleet, settings.stats_window_s)
+        models = CatalogSync(CatalogStore(db), catalog, fleet, scheduler)
         keys = KeyService(db)
         projects = ProjectService(db, catalog)
         ledger = Ledger(db, admission_store(settings))
@@ -113,6 +127,9 @@ class Services:
                           metering=metering, ledger=ledger, settings=settings.jobs,
                           results_dir=settings.results_dir,
                           signer=Signer(settings.data_dir / "webhook-signing.key"))
+        files = FileStore(db, settings.files_dir, settings.batches)
+        batches = BatchService(db=db, gateway=gateway, files=files, settings=settings.batches,
+                               leases=settings.jobs, owner=jobs.me)
         return cls(
             settings=settings,
             catalog=catalog,
@@ -126,18 +143,27 @@ class Services:
             ledger=ledger,
             metering=metering,
             watcher=StoreWatcher(VersionProbe(db), keys, projects, ledger),
+            models=models,
             metrics=metrics,
             background=TaskOwner("services"),
             jobs=jobs,
+            batches=batches,
         )
 
     def __post_init__(self) -> None:
-        metrics = self.metrics
         for pool in self.fleet.pools.values():
-            pool.on_event = lambda e: metrics.scale_decision(e.model, e.from_replicas,
-                                                             e.to_replicas)
-            pool.on_cold_start = metrics.cold_start
-        metrics.bind_live(self.snapshot)
+            self._observe(pool)
+        if self.models is not None:
+            self.models.on_pool = self._observe
+            self.watcher.catalog = self.models
+        self.metrics.bind_live(self.snapshot)
+        self._stopping = asyncio.Event()
+        self._store_watch: asyncio.Task[None] | None = None
+
+    def _observe(self, pool: ModelPool) -> None:
+        metrics = self.metrics
+        pool.on_event = lambda e: metrics.scale_decision(e.model, e.from_replicas, e.to_replicas)
+        pool.on_cold_start = metrics.cold_start
 
     def snapshot(self) -> list[ModelSnapshot]:
         """Live fleet state for the metrics scrape."""
@@ -163,6 +189,8 @@ class Services:
             self.feed = ChangeFeed(self.settings.redis_url)
             self.db.change_hooks.append(self.feed.changed)
             self.feed.listen(self.watcher.probe.nudge)
+        if self.models is not None:
+            await self.models.seed()  # the catalog file's models into the store
         await self.watcher.start()
         if self.settings.bootstrap_default_key and await self.keys.count_projects() == 0 \
                 and (await self.keys.ensure_project("default"))[1]:
@@ -178,7 +206,11 @@ class Services:
         self.fleet.start()
         self.jobs.signer.load()
         await self.jobs.recover()
+        from modelfleet.api.inference import RequestPath  # the path batch lines take too
+
+        await self.batches.start(RequestPath(self))
         self.background.spawn(self._flush_keys(), "key-usage")
+        self._store_watch = self.background.spawn(self._watch_store(), "store-watch")
         if self.ledger.store.dedupes:
             self.background.spawn(self._sweep_holds(), "hold-sweeper")
 
@@ -190,6 +222,20 @@ class Services:
             except Exception as exc:
                 log.warning("could not sweep the holds of stopped gateways: %s", exc)
 
+    async def _watch_store(self) -> None:
+        """Changes made elsewhere (a model added through another gateway or the
+        CLI) are taken up within a second even when no request comes in: the
+        version probe is read every 0.5 s (a point read; on PostgreSQL at most
+        every 0.25 s anyway, at once after a Redis nudge)."""
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), 0.5)
+                return  # stopping: ended between reads, never cancelled inside one
+            try:
+                await self.watcher.check()
+            except Exception as exc:
+                log.warning("could not read the store's changes: %s", exc)
+
     async def _flush_keys(self) -> None:
         while True:
             await asyncio.sleep(5.0)
@@ -199,12 +245,16 @@ class Services:
                 log.exception("could not record key usage")
 
     async def stop(self) -> None:
+        self._stopping.set()
         await self.gateway.close()  # ends in-flight work, which settles it
         await self.jobs.close()  # unfinished jobs stay in the store and run after a restart
+        await self.batches.close()  # so do unfinished batches, with the lines not yet run
         try:
             await asyncio.wait_for(self.ledger.drain(), 10)
         except Exception:
             log.exception("could not write every usage record before stopping")
+        if self._store_watch is not None:
+            await asyncio.wait({self._store_watch}, timeout=5.0)
         await self.background.close()
         await asyncio.to_thread(self.ledger.close)
         await self.fleet.close()

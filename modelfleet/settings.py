@@ -130,6 +130,49 @@ class JobSettings:
 
 
 @dataclass(frozen=True)
+class BatchSettings:
+    """The Batch API (docs/batches.md); env MODELFLEET_BATCH_<NAME> and
+    MODELFLEET_FILES_DIR."""
+
+    # Where uploaded batch files and batch outputs are kept; None: the data
+    # folder's files/.
+    files_dir: Path | None = None
+    # An uploaded batch file: at most this many bytes and request lines.
+    max_file_bytes: int = 100 * 1024 * 1024
+    max_lines: int = 50_000
+    # How long a file is kept after it was made (then deleted with its content).
+    files_retention_s: float = 30 * 24 * 3600.0
+    # Batch lines are charged this much less than interactive requests (percent).
+    discount_pct: int = 50
+    # Lines of one batch in flight at once.
+    concurrency: int = 4
+    # How long a line may wait for a slot before it fails (queue_timeout).
+    queue_timeout_s: float = 600.0
+    # The completion window ("24h"): lines not run by then expire.
+    window_s: float = 24 * 3600.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.discount_pct <= 100:
+            raise ValueError("batch discount_pct (MODELFLEET_BATCH_DISCOUNT_PCT) must be "
+                             f"0 to 100, got {self.discount_pct!r}")
+        if self.concurrency < 1 or self.max_lines < 1 or self.max_file_bytes < 1:
+            raise ValueError("batch concurrency, max_lines and max_file_bytes must be positive")
+
+
+def batches_from_env(env: Mapping[str, str]) -> BatchSettings:
+    values: dict[str, Any] = {}
+    if raw := env.get("MODELFLEET_FILES_DIR"):
+        values["files_dir"] = Path(raw).expanduser()
+    for name in ("max_file_bytes", "max_lines", "discount_pct", "concurrency"):
+        if raw := env.get(f"MODELFLEET_BATCH_{name.upper()}"):
+            values[name] = int(raw)
+    for name in ("files_retention_s", "queue_timeout_s", "window_s"):
+        if raw := env.get(f"MODELFLEET_BATCH_{name.upper()}"):
+            values[name] = float(raw)
+    return BatchSettings(**values)
+
+
+@dataclass(frozen=True)
 class ObserveSettings:
     """Logs, traces and metric labels (docs/operations.md).  Keys and prompts
     are never logged: there is no setting that would."""
@@ -198,6 +241,7 @@ class Settings:
     http: HttpSettings = field(default_factory=HttpSettings)
     fleet: FleetSettings = field(default_factory=FleetSettings)
     jobs: JobSettings = field(default_factory=JobSettings)
+    batches: BatchSettings = field(default_factory=BatchSettings)
     # Window for the catalog's recent_summary_stats, in seconds.
     stats_window_s: float = 900.0
     # Create a `default` project and print an inference key on first start,
@@ -228,6 +272,10 @@ class Settings:
     @property
     def results_dir(self) -> Path:
         return self.jobs.results_dir or self.data_dir / "results"
+
+    @property
+    def files_dir(self) -> Path:
+        return self.batches.files_dir or self.data_dir / "files"
 
     @classmethod
     def for_worker_process(cls) -> tuple[Settings, str]:
@@ -275,6 +323,7 @@ class Settings:
         if raw := os.environ.get("MODELFLEET_WEBHOOK_ALLOW"):
             jobs["webhook_allow"] = tuple(e.strip() for e in raw.split(",") if e.strip())
         values["jobs"] = JobSettings(**jobs)
+        values["batches"] = batches_from_env(os.environ)
         values["http"] = _http_from_env()
         if os.environ.get("MODELFLEET_METERING", "on").lower() in ("off", "0", "false", "no"):
             values["metering"] = False

@@ -1,4 +1,4 @@
-"""One replica: a worker process on a private loopback port, and its life.
+"""One replica: a worker process on a private port, and its life.
 
     starting ──healthy──▶ ready ──stop()──▶ draining ──▶ stopped
         │                   │
@@ -6,6 +6,12 @@
 
 The process runs in its own session so that stopping it ends everything it
 started; output goes to ``logs/<replica>.log`` in the data folder.
+
+Where the process runs is a *launcher*'s business: ``LocalLauncher`` (the
+default) starts it here, a child of the API process on 127.0.0.1;
+``modelfleet.rayfleet.RayLauncher`` starts it on a Ray node, inside an actor
+that owns it.  The pool and this class see the same ``WorkerProcess`` either
+way: a URL, a pid, an exit to wait for, a stop and a kill.
 """
 
 from __future__ import annotations
@@ -20,13 +26,18 @@ import signal
 import socket
 import sys
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from modelfleet.engines.base import LaunchPlan, Resources
 from modelfleet.engines.http import WorkerClient
 from modelfleet.settings import FleetSettings
+
+if TYPE_CHECKING:
+    from modelfleet.engines.base import Engine
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +50,9 @@ class ReplicaState(StrEnum):
     failed = "failed"
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
@@ -62,6 +73,143 @@ class StartFailed(Exception):
     pass
 
 
+def log_tail(path: Path, lines: int = 3) -> str:
+    """The last non-empty lines of a worker's log, for a failure message."""
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    useful = [line for line in text if line.strip()][-lines:]
+    return (": " + " | ".join(useful))[:600] if useful else ""
+
+
+class WorkerProcess(ABC):
+    """A running worker process, wherever it runs."""
+
+    # Why it ended, when the launcher knows better than an exit code (a node died).
+    reason: str | None = None
+
+    @property
+    @abstractmethod
+    def pid(self) -> int | None:
+        """Its pid on the machine it runs on."""
+
+    @property
+    @abstractmethod
+    def returncode(self) -> int | None:
+        """None while it runs."""
+
+    @abstractmethod
+    async def wait(self) -> int:
+        """Until it exits: its exit code."""
+
+    @abstractmethod
+    async def stop(self, grace_s: float) -> None:
+        """SIGTERM to its process group, SIGKILL after the grace period."""
+
+    @abstractmethod
+    def kill(self) -> None:
+        """End it now."""
+
+    @abstractmethod
+    async def tail(self) -> str:
+        """The end of its log (for a failure message), or ''."""
+
+
+class LocalProcess(WorkerProcess):
+    """A child process of this one (its own session; dies with this process)."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, log_path: Path) -> None:
+        self.proc = proc
+        self.log_path = log_path
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    async def wait(self) -> int:
+        return await self.proc.wait()
+
+    async def stop(self, grace_s: float) -> None:
+        proc = self.proc
+        if proc.returncode is None:
+            self._signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), grace_s)
+            except TimeoutError:
+                self._signal(signal.SIGKILL)
+                await proc.wait()
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, sig: signal.Signals) -> None:
+        if self.proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, sig)
+
+    async def tail(self) -> str:
+        return log_tail(self.log_path)
+
+
+class Launcher(ABC):
+    """Where replicas' processes run.  ``prepare`` builds the launch plan
+    (raising ModelFileMissing if the model cannot run there, StartFailed if no
+    place could take it), ``spawn`` starts the plan."""
+
+    # Whether the model files are checked on this machine (they are where the
+    # processes run); a remote launcher reports missing files from the node.
+    checks_files_here = True
+    # Whether replicas can be placed now (a remote launcher: once connected).
+    ready = True
+
+    async def connect(self) -> None:  # noqa: B027 (a hook: nothing to do by default)
+        """Reach where the processes run (nothing to do here)."""
+
+    @abstractmethod
+    async def prepare(self, replica: Replica, engine: Engine) -> None:
+        """Set ``replica.plan`` (and its port and URL)."""
+
+    @abstractmethod
+    async def spawn(self, replica: Replica) -> WorkerProcess:
+        """Start the replica's plan."""
+
+    async def close(self) -> None:  # noqa: B027 (a hook: nothing to do by default)
+        """After every replica was stopped."""
+
+
+class LocalLauncher(Launcher):
+    """Each replica a child process of this one, on 127.0.0.1 (the embedded default)."""
+
+    async def prepare(self, replica: Replica, engine: Engine) -> None:
+        # In a thread: it may assemble weights (hundreds of MB).
+        replica.plan = await asyncio.to_thread(engine.launch, replica.port)
+
+    async def spawn(self, replica: Replica) -> WorkerProcess:
+        assert replica.plan is not None
+        replica.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **replica.plan.env}
+        with open(replica.log_path, "ab") as log_file:
+            proc = await asyncio.create_subprocess_exec(
+                *replica.plan.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=asyncio.subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        return LocalProcess(proc, replica.log_path)
+
+
+LOCAL = LocalLauncher()
+
+
 class Replica:
     def __init__(
         self,
@@ -75,6 +223,7 @@ class Replica:
         client: WorkerClient,
         settings: FleetSettings,
         clock: Callable[[], float] = time.monotonic,
+        launcher: Launcher = LOCAL,
     ) -> None:
         self.id = replica_id
         self.model_id = model_id
@@ -108,12 +257,20 @@ class Replica:
         self.mirrored_pid: int | None = None
         self._client = client
         self._settings = settings
-        self._proc: asyncio.subprocess.Process | None = None
+        self.launcher = launcher
+        # The Ray node it was placed on (None: this machine, or not known here).
+        self.node_id: str | None = None
+        self._proc: WorkerProcess | None = None
         self._exited = asyncio.Event()
 
     @property
     def pid(self) -> int | None:
         return self.mirrored_pid if self._proc is None else self._proc.pid
+
+    @property
+    def exit_reason(self) -> str | None:
+        """Why its process ended, when known better than by an exit code."""
+        return self._proc.reason if self._proc is not None else None
 
     @property
     def attached(self) -> bool:
@@ -129,6 +286,14 @@ class Replica:
         if self.attached:
             return self.state not in (ReplicaState.stopped, ReplicaState.failed)
         return self._proc is not None and self._proc.returncode is None
+
+    @property
+    def process(self) -> WorkerProcess | None:
+        return self._proc
+
+    def attach_process(self, proc: WorkerProcess) -> None:
+        """Its process, known before it starts (a launcher that places it first)."""
+        self._proc = proc
 
     @property
     def has_room(self) -> bool:
@@ -153,19 +318,8 @@ class Replica:
         if self.attached:
             await self._wait_healthy(timeout_s)
             return
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **self.plan.env}
-        with open(self.log_path, "ab") as log_file:
-            self._proc = await asyncio.create_subprocess_exec(
-                *self.plan.argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=asyncio.subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-                preexec_fn=_die_with_parent,
-            )
-        log.info("replica %s starting (pid %s, port %s)", self.id, self._proc.pid, self.port)
+        self._proc = await self.launcher.spawn(self)
+        log.info("replica %s starting (pid %s, %s)", self.id, self._proc.pid, self.base_url)
         await self._wait_healthy(timeout_s)
 
     async def _wait_healthy(self, timeout_s: float) -> None:
@@ -178,11 +332,12 @@ class Replica:
         while True:
             if not self.alive:
                 code = self._proc.returncode if self._proc else None
-                raise StartFailed(f"worker exited with code {code} while starting{self._tail()}")
+                why = self.exit_reason or f"worker exited with code {code}"
+                raise StartFailed(f"{why} while starting{await self._tail()}")
             if await self._client.health(url, timeout=2.0, headers=self.headers):
                 break
             if self.clock() > deadline:
-                raise StartFailed(f"worker not healthy after {timeout_s:.0f}s{self._tail()}")
+                raise StartFailed(f"worker not healthy after {timeout_s:.0f}s{await self._tail()}")
             await asyncio.sleep(delay)
             delay = min(delay * 1.2, 0.1)
         self.state = ReplicaState.ready
@@ -190,13 +345,8 @@ class Replica:
         log.info("replica %s ready in %.2fs", self.id, self.ready_at - self.started_at)
         self._exited = asyncio.Event()
 
-    def _tail(self, lines: int = 3) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return ""
-        useful = [line for line in text if line.strip()][-lines:]
-        return (": " + " | ".join(useful))[:600] if useful else ""
+    async def _tail(self) -> str:
+        return await self._proc.tail() if self._proc is not None else log_tail(self.log_path)
 
     async def wait_exit(self) -> int:
         if self.attached:
@@ -217,24 +367,13 @@ class Replica:
         if self.state not in (ReplicaState.failed, ReplicaState.stopped):
             self.state = ReplicaState.draining
         self._exited.set()
-        proc = self._proc
-        if proc is not None and proc.returncode is None:
-            self._signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), grace_s)
-            except TimeoutError:
-                self._signal(signal.SIGKILL)
-                await proc.wait()
+        if self._proc is not None:
+            await self._proc.stop(grace_s)
         if self.state is not ReplicaState.failed:
             self.state = ReplicaState.stopped
 
     def kill(self) -> None:
         """End the worker now (a hung replica)."""
         self._exited.set()
-        self._signal(signal.SIGKILL)
-
-    def _signal(self, sig: signal.Signals) -> None:
-        if self._proc is None or self._proc.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self._proc.pid, sig)
+        if self._proc is not None:
+            self._proc.kill()

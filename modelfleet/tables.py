@@ -6,7 +6,17 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -228,3 +238,129 @@ class StoredResponse(Base):
         Index("ix_responses_project_created", "project_id", "created_at"),
         Index("ix_responses_expires", "expires_at"),
     )
+
+
+class CatalogModel(Base):
+    """One catalog model as the store holds it (``catalogstore.py``): added,
+    changed and removed at runtime through the admin API and the CLI, seeded
+    from the TOML catalog.  ``spec`` is the validated model as JSON with the
+    TOML table's keys; ``file_spec`` what the catalog file said when it last
+    seeded this row (None: added at runtime), so a later edit of the file is
+    told apart from one made through the API.  A removed model keeps its row
+    (``removed``), so the file does not bring it back unless it changes."""
+
+    __tablename__ = "catalog_models"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    spec: Mapped[str] = mapped_column(Text)
+    file_spec: Mapped[str | None] = mapped_column(Text, nullable=True)
+    origin: Mapped[str] = mapped_column(String(10))  # "file" or "admin": who changed it last
+    removed: Mapped[bool] = mapped_column(Boolean, default=False)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class ConsoleSession(Base):
+    """A web console sign-in (``modelfleet/console/sessions.py``): the browser
+    holds a random token, the store only its SHA-256, so several gateways
+    share sessions and a leaked table signs nobody in.  No key is minted for a
+    session; it acts as the key it was opened with (``key_id``) while that
+    key is valid.  ``csrf`` is the per-session secret every form carries."""
+
+    __tablename__ = "console_sessions"
+
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"))
+    csrf: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # Idle expiry, pushed forward as the session is used; never past max_expires_at.
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    max_expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (Index("ix_console_sessions_expires", "expires_at"),)
+
+
+# The console's keys page pages through a project's keys newest first by id
+# (time-ordered): keyset pagination on this index stays fast at any size.
+Index("ix_api_keys_project_id_id", ApiKey.project_id, ApiKey.id)
+
+
+class StoredFile(Base):
+    """A file of the Files API (``files.py``): an uploaded batch input
+    (``purpose`` batch, validated line by line) or a batch's output or error
+    file (``batch_output``).  The content is a file in the files folder named
+    by the id; ``endpoints`` the distinct request URLs of a batch input."""
+
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    purpose: Mapped[str] = mapped_column(String(20))
+    filename: Mapped[str] = mapped_column(String(255))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    lines: Mapped[int] = mapped_column(Integer, default=0)
+    endpoints: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+    __table_args__ = (
+        Index("ix_files_project_id", "project_id", "id"),
+        Index("ix_files_expires", "expires_at"),
+    )
+
+
+class Batch(Base):
+    """A batch of the Batch API (``batches.py``).  ``status`` moves validating
+    → in_progress → finalizing → completed | failed | expired, or to
+    cancelling → cancelled; each move is a conditional UPDATE on the status
+    it expects.  The counters move with each finished line, in the same
+    transaction as its ``BatchLine``; the lease is held as a job's is."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    key_id: Mapped[str] = mapped_column(String(36))
+    endpoint: Mapped[str] = mapped_column(String(64))
+    input_file_id: Mapped[str] = mapped_column(String(64))
+    completion_window: Mapped[str] = mapped_column(String(10))
+    status: Mapped[str] = mapped_column(String(20))
+    # The client's metadata (JSON object) and the batch-level errors (JSON list).
+    batch_metadata: Mapped[str | None] = mapped_column(Text, nullable=True)
+    errors: Mapped[str | None] = mapped_column(Text, nullable=True)
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    completed: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    output_file_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    error_file_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    in_progress_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    finalizing_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    expired_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    cancelling_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    cancelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    lease_owner: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+    __table_args__ = (
+        Index("ix_batches_project_id", "project_id", "id"),
+        Index("ix_batches_status", "status"),
+    )
+
+
+class BatchLine(Base):
+    """One finished line of a batch (``line`` counts request lines from 0),
+    written as it finishes: ``result`` is its output line as the output or
+    error file will hold it (``ok``: the output file)."""
+
+    __tablename__ = "batch_lines"
+
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"),
+                                          primary_key=True)
+    line: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ok: Mapped[bool] = mapped_column(Boolean)
+    result: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -100,9 +100,11 @@ def test_text_in_response_out_billed_like_chat(server: Server, validator: Any) -
     usage = body["usage"]
     assert usage["output_tokens"] >= 1 and usage["input_tokens"] > 5
     assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
-    if usage["output_tokens"] == 8:
-        assert body["status"] == "incomplete"
-        assert body["incomplete_details"] == {"reason": "max_output_tokens"}
+    cut = post(server, {"model": PRICED, "input": "Write a long story about a dragon.",
+                        "max_output_tokens": 2}).json()
+    assert cut["status"] == "incomplete" and cut["usage"]["output_tokens"] == 2
+    assert cut["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert cut["output"][0]["status"] == "incomplete"
     status, tokens_in, tokens_out, cost = wait_usage(
         server, [resp.headers["x-request-id"]])[resp.headers["x-request-id"]]
     assert status == "succeeded"

@@ -1,5 +1,5 @@
 """The admin API under ``/v1/admin`` (``admin`` scope on every route): projects,
-keys, credits, plans and prices.
+keys, credits, plans, prices and the catalog's models.
 
 Bodies are strict JSON (unknown fields, wrong types, floats or booleans for
 integers: 422); values of the right type that are out of range or make no
@@ -16,14 +16,15 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
-from modelfleet import reports
+from modelfleet import catalogstore, reports
 from modelfleet.api import openapi_doc
 from modelfleet.api.auth import require
 from modelfleet.api.http import read_body
+from modelfleet.catalog import model_table
 from modelfleet.errors import Conflict, InvalidRequest, ModelNotFound, NotFound
 from modelfleet.keys import Principal, Scope
 from modelfleet.ledger import MAX_AMOUNT
-from modelfleet.openai.common import Strict, parse_body
+from modelfleet.openai.common import Strict, parse_body, parse_json
 from modelfleet.projects import LIMIT_FIELDS, PlanLimits, ProjectInfo, check_label
 from modelfleet.services import Services
 
@@ -335,6 +336,64 @@ class AdminRoutes:
         return next(row for row in await self.prices_out() if row["model"] == spec.id)
 
 
+class ModelRoutes:
+    """The catalog's models, managed at runtime (``catalogstore.py``): each
+    change is stored, then taken up by this gateway before the answer and by
+    every other one within a second."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.store = catalogstore.CatalogStore(services.db)
+
+    async def model_out(self, model_id: str) -> dict[str, Any]:
+        spec = await self.store.get(model_id)
+        pool = self.services.fleet.pools.get(spec.id)
+        return {"object": "catalog_model", "id": spec.id, "model": model_table(spec),
+                "runtime": pool.describe() if pool is not None else None}
+
+    async def list_models(self, request: Request) -> dict[str, Any]:
+        """Every model in the store's catalog, as its TOML table (JSON), with its
+        runtime state on this gateway."""
+        await require(self.services, request, Scope.admin)
+        return {"object": "list", "data": [await self.model_out(model_id)
+                                           for model_id in sorted(await self.store.live())]}
+
+    async def get_model(self, model_id: str, request: Request) -> dict[str, Any]:
+        await require(self.services, request, Scope.admin)
+        return await self.model_out(model_id)
+
+    async def add_model(self, request: Request) -> dict[str, Any]:
+        """Add a model: the body is one ``[[models]]`` table as JSON, checked as the
+        catalog file is (unknown keys and wrong types 422, bad values 400, an id
+        or alias in use 409)."""
+        await require(self.services, request, Scope.admin)
+        spec = catalogstore.validate(parse_json(await read_body(request, BODY_LIMIT)))
+        await self.store.add(spec)
+        await self.services.watcher.check()
+        return await self.model_out(spec.id)
+
+    async def patch_model(self, model_id: str, request: Request) -> dict[str, Any]:
+        """Change a model: the body's keys are merged over its table (tables key by
+        key), then the whole model is checked again."""
+        await require(self.services, request, Scope.admin)
+        spec = await self.store.update(model_id, parse_json(await read_body(request, BODY_LIMIT)))
+        await self.services.watcher.check()
+        return await self.model_out(spec.id)
+
+    async def delete_model(self, model_id: str, request: Request) -> dict[str, Any]:
+        """Remove a model: new requests get 404 at once; running ones finish, then
+        its replicas stop."""
+        await require(self.services, request, Scope.admin)
+        spec = await self.store.remove(model_id)
+        await self.services.watcher.check()
+        return {"object": "catalog_model.deleted", "id": spec.id, "deleted": True}
+
+
+MODEL_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "description": "A [[models]] table of the catalog, as JSON "
+                                     "(docs/catalog.md): the model, or for PATCH the keys to change"}}}}}
+
+
 def router(services: Services) -> APIRouter:
     api = APIRouter(prefix="/v1/admin", tags=["admin"])
     h = AdminRoutes(services)
@@ -359,5 +418,17 @@ def router(services: Services) -> APIRouter:
     for method, path, endpoint, status, body, statuses in routes:
         api.add_api_route(path, endpoint, methods=[method], status_code=status,
                           openapi_extra=_openapi(body) if body else None,
+                          responses=openapi_doc.errors(*statuses, scope="admin"))
+    m = ModelRoutes(services)
+    model_routes: list[tuple[str, str, Any, int, bool, tuple[int, ...]]] = [
+        ("GET", "/models", m.list_models, 200, False, ()),
+        ("POST", "/models", m.add_model, 201, True, (*body_errors, 409)),
+        ("GET", "/models/{model_id:path}", m.get_model, 200, False, (404,)),
+        ("PATCH", "/models/{model_id:path}", m.patch_model, 200, True, (*body_errors, 404, 409)),
+        ("DELETE", "/models/{model_id:path}", m.delete_model, 200, False, (404,)),
+    ]
+    for method, path, endpoint, status, has_body, statuses in model_routes:
+        api.add_api_route(path, endpoint, methods=[method], status_code=status,
+                          openapi_extra=MODEL_BODY if has_body else None,
                           responses=openapi_doc.errors(*statuses, scope="admin"))
     return api

@@ -10,10 +10,11 @@ from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from modelfleet import __version__
+from modelfleet import __version__, console
 from modelfleet.api import (
     account,
     admin,
+    batches,
     catalog_routes,
     errors,
     images,
@@ -79,11 +80,13 @@ def create_app(settings: Settings, services: Services | None = None) -> ASGIApp:
     app.include_router(inference.router(services, handlers))
     app.include_router(images.router(services))
     app.include_router(images.jobs_router(services))
+    app.include_router(batches.router(services))  # files and batches (docs/batches.md)
     app.include_router(catalog_routes.router(services))
     app.include_router(catalog_routes.fleet_router(services))
     app.include_router(metrics_route.router(services.metrics))
     app.include_router(admin.router(services))
     app.include_router(account.router(services))
+    app.include_router(console.router(services))  # the web console (docs/console.md)
     openapi_doc.install(app)
 
     @app.get("/health", include_in_schema=False)

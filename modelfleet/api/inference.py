@@ -13,6 +13,7 @@ import asyncio
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import orjson
@@ -25,6 +26,7 @@ from starlette.types import Message, Receive, Scope, Send
 from modelfleet.api import errors, openapi_doc, responses
 from modelfleet.api.auth import require
 from modelfleet.api.http import presented_key, read_body, request_id
+from modelfleet.batches import Terms
 from modelfleet.catalog import ModelSpec
 from modelfleet.engines.http import WorkerClient
 from modelfleet.errors import ModelfleetError, RequestTooLarge
@@ -213,29 +215,65 @@ def _fastapi_endpoint(endpoint: Handler) -> Handler:
     return handle
 
 
-def router(services: Services, handlers: dict[str, Handler] | None = None) -> APIRouter:
-    """The inference routes.  ``handlers`` receives them by path, for the fast
-    path in front of the framework (``api/app.py``)."""
-    api = APIRouter()
-    handlers = {} if handlers is None else handlers
-    gateway = services.gateway
-    metering = services.metering
-    limit = services.settings.http.max_body_bytes
-    store = ResponseStore(services.db, services.settings.jobs.responses_retention_s)
+Route = tuple[type[Any], Callable[[ModelSpec, Any], int],
+              Callable[[ModelSpec, Any, int], dict[str, Any]]]
+# Each endpoint's request model, its validation (returns max_tokens) and its worker body.
+ROUTES: dict[str, Route] = {
+    CHAT_PATH: (chat.ChatRequest, chat.validate_chat, chat.worker_body),
+    "/v1/completions": (completions.CompletionRequest, completions.validate_completion,
+                        completions.worker_body),
+    "/v1/embeddings": (embeddings.EmbeddingRequest, embeddings.validate_embedding,
+                       embeddings.worker_body),
+    tokenize.TOKENIZE_PATH: (tokenize.TokenizeRequest, tokenize.validate_tokenize,
+                             tokenize.tokenize_body),
+    tokenize.DETOKENIZE_PATH: (tokenize.DetokenizeRequest, tokenize.validate_detokenize,
+                               tokenize.detokenize_body),
+    rerank.RERANK_PATH: (rerank.RerankRequest, rerank.validate_rerank, rerank.worker_body),
+    RESPONSES_PATH: (ResponsesRequest, responses.validate, chat.worker_body),
+}
 
-    async def run(
-        request: Request,
-        model: type[Any],
-        validate: Callable[[ModelSpec, Any], int],
-        build: Callable[[ModelSpec, Any, int], dict[str, Any]],
-        path: str,
-    ) -> Response:
-        principal = await require(services, request, KeyScope.inference)
+
+@dataclass
+class Prepared:
+    """One request parsed and validated: its ``Call`` for ``Gateway.handle``
+    and the endpoint's steps (on the won slot; rendering the answer or the stream)."""
+
+    call: Call
+    starting: Starting | None = None
+    finish: Finish | None = None
+    events: Events | None = None
+
+    async def render(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A non-streamed answer in the endpoint's shape."""
+        if self.finish is None:
+            return body
+        out = self.finish(self.call, body)
+        return await out if inspect.isawaitable(out) else out
+
+
+class RequestPath:
+    """The one request path: a request's body, endpoint and principal turned
+    into a ``Call`` (parsed, checked against the model, priced), for an HTTP
+    request (``router``) and for a batch line (``batches.py``) alike."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.store = ResponseStore(services.db, services.settings.jobs.responses_retention_s)
+
+    async def prepare(self, principal: Principal, read: Callable[[], Awaitable[bytes]],
+                      path: str, rid: str, presented: str | None,
+                      terms: Terms | None = None) -> Prepared:
+        """Parse and validate the body ``read`` returns for ``path``; a refusal
+        is counted, logged and raised (with the rate-limit headers)."""
+        services = self.services
+        gateway = services.gateway
+        metering = services.metering
+        model, validate, build = ROUTES[path]
         work: Work | None = None
         turn: responses.Turn | None = None
         headers: dict[str, str] = {}
         try:
-            raw = await read_body(request, limit)
+            raw = await read()
             body = parse_body(model, raw)
             spec = gateway.resolve(body.model)
             metering.check_model(principal, spec, body.model)
@@ -249,7 +287,7 @@ def router(services: Services, handlers: dict[str, Handler] | None = None) -> AP
             engine = gateway.fleet.pools[spec.id].engine
             spec = engine.effective(spec)  # tool_calling "auto" resolved
             if path == RESPONSES_PATH:  # a chat request, rendered as a Response
-                turn = responses.Turn(store, principal, spec, body)
+                turn = responses.Turn(self.store, principal, spec, body)
                 body = await turn.prepare()
             max_tokens = validate(spec, body)
             payload = engine.adapt(build(spec, body, max_tokens), body.metadata)
@@ -265,11 +303,11 @@ def router(services: Services, handlers: dict[str, Handler] | None = None) -> AP
             services.metrics.request_rejected(headers.get("X-Model-Used", "unknown"),
                                               principal.project_name, exc.status)
             gateway.observer.rejected(rejected_record(
-                request_id(request), principal, principal.project_name,
-                headers.get("X-Model-Used", "unknown"), path, exc, key_prefix(presented_key(request))))
+                rid, principal, principal.project_name,
+                headers.get("X-Model-Used", "unknown"), path, exc, key_prefix(presented)))
             raise
         call = Call(
-            request_id=request_id(request),
+            request_id=rid,
             route_model=body.model,
             spec=spec,
             principal=principal,
@@ -280,41 +318,45 @@ def router(services: Services, handlers: dict[str, Handler] | None = None) -> AP
                                                    and body.stream_options.include_usage),
             encoding_format=getattr(body, "encoding_format", None) or "float",
             claim=metering.claim(principal, payload),
-            key_prefix=key_prefix(presented_key(request)),
+            key_prefix=key_prefix(presented),
             settle_before_end=work is None or work.settle_before_end,
         )
-        if metering.enabled:
-            ask, prices = metering.ask(call.request_id, principal, spec, payload, max_tokens)
+        if terms is not None:
+            call.claim = replace(call.claim, priority=terms.priority)
+            call.queue_timeout_s = terms.queue_timeout_s
+        if metering.enabled and (terms is None or terms.metered):
+            ask, prices = metering.ask(call.request_id, principal, spec, payload, max_tokens,
+                                       discount_pct=terms.discount_pct if terms else 0)
+            if terms is not None and terms.queue_timeout_s is not None:
+                # its concurrency slot is held while it waits, too
+                ask = replace(ask, ttl_s=ask.ttl_s + terms.queue_timeout_s)
             call.admit = lambda: metering.admit(ask, spec, prices)
         if work is not None:
-            return OwnedResponse(services, call, principal, starting=work.starting,
-                                 finish=work.finish)
+            return Prepared(call, starting=work.starting, finish=work.finish)
         if turn is not None:
-            return OwnedResponse(services, call, principal, finish=turn.finish,
-                                 events=turn.events)
-        return OwnedResponse(services, call, principal)
+            return Prepared(call, finish=turn.finish, events=turn.events)
+        return Prepared(call)
 
-    routes: dict[str, tuple[type[Any], Callable[[ModelSpec, Any], int],
-                            Callable[[ModelSpec, Any, int], dict[str, Any]]]] = {
-        CHAT_PATH: (chat.ChatRequest, chat.validate_chat, chat.worker_body),
-        "/v1/completions": (completions.CompletionRequest, completions.validate_completion,
-                            completions.worker_body),
-        "/v1/embeddings": (embeddings.EmbeddingRequest, embeddings.validate_embedding,
-                           embeddings.worker_body),
-        tokenize.TOKENIZE_PATH: (tokenize.TokenizeRequest, tokenize.validate_tokenize,
-                                 tokenize.tokenize_body),
-        tokenize.DETOKENIZE_PATH: (tokenize.DetokenizeRequest, tokenize.validate_detokenize,
-                                   tokenize.detokenize_body),
-        rerank.RERANK_PATH: (rerank.RerankRequest, rerank.validate_rerank, rerank.worker_body),
-        RESPONSES_PATH: (ResponsesRequest, responses.validate, chat.worker_body),
-    }
-    for path, (model, validate, build) in routes.items():
 
-        async def endpoint(request: Request, model: type[Any] = model,
-                           validate: Callable[[ModelSpec, Any], int] = validate,
-                           build: Callable[[ModelSpec, Any, int], dict[str, Any]] = build,
-                           path: str = path) -> Response:
-            return await run(request, model, validate, build, path)
+def router(services: Services, handlers: dict[str, Handler] | None = None) -> APIRouter:
+    """The inference routes.  ``handlers`` receives them by path, for the fast
+    path in front of the framework (``api/app.py``)."""
+    api = APIRouter()
+    handlers = {} if handlers is None else handlers
+    limit = services.settings.http.max_body_bytes
+    requests = RequestPath(services)
+
+    async def run(request: Request, path: str) -> Response:
+        principal = await require(services, request, KeyScope.inference)
+        prepared = await requests.prepare(principal, lambda: read_body(request, limit), path,
+                                          request_id(request), presented_key(request))
+        return OwnedResponse(services, prepared.call, principal, starting=prepared.starting,
+                             finish=prepared.finish, events=prepared.events)
+
+    for path, (model, _validate, _build) in ROUTES.items():
+
+        async def endpoint(request: Request, path: str = path) -> Response:
+            return await run(request, path)
 
         handlers[path] = endpoint
         api.add_api_route(path, _fastapi_endpoint(endpoint), methods=["POST"], tags=["inference"],
@@ -324,5 +366,5 @@ def router(services: Services, handlers: dict[str, Handler] | None = None) -> AP
                                                           billed=True),
                                      **(openapi_doc.EVENT_STREAM if path not in NOT_STREAMED
                                         else {})})
-    api.include_router(responses.router(services, store))
+    api.include_router(responses.router(services, requests.store))
     return api
