@@ -100,9 +100,10 @@ def _cli(*args: str, data_dir: Path) -> str:
 
 
 def launch_server(tmp: Path, catalog: str, env: dict[str, str] | None = None,
-                  key: str | None = None) -> Server:
+                  key: str | None = None, args: tuple[str, ...] = ()) -> Server:
     """``modelfleet serve`` in a subprocess on a free loopback port; waits for /health.
-    ``key``: the inference key to use when the data folder is not new (a restart)."""
+    ``key``: the inference key to use when the data folder is not new (a restart);
+    ``args``: more ``serve`` options (``--root-path /mf``)."""
     catalog_path = tmp / "catalog.toml"
     catalog_path.write_text(catalog)
     data_dir = tmp / "data"
@@ -112,7 +113,7 @@ def launch_server(tmp: Path, catalog: str, env: dict[str, str] | None = None,
     with open(log_path, "wb") as log, open(stdout_path, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "modelfleet", "serve", "--port", str(port),
-             "--data-dir", str(data_dir), "--catalog", str(catalog_path)],
+             "--data-dir", str(data_dir), "--catalog", str(catalog_path), *args],
             stdout=out, stderr=log, start_new_session=True, env={**os.environ, **(env or {})},
         )
     url = f"http://127.0.0.1:{port}"

@@ -13,9 +13,6 @@ import csv
 import io
 import re
 import shutil
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -36,8 +33,7 @@ from modelfleet.keys import CreatedKey
 from modelfleet.services import Services
 from modelfleet.settings import Settings
 from modelfleet.tables import ApiKey, ConsoleSession, Job, Project, UsageRecord
-from tests.conftest import ROOT, Server, _cli, catalog_text, stop_server
-from tests.services import free_port
+from tests.conftest import ROOT, Server, _cli, catalog_text, launch_server, stop_server
 
 CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
 
@@ -396,34 +392,8 @@ class Live:
 
 
 def serve_under_prefix(tmp: Path, prefix: str) -> Server:
-    """``modelfleet serve --root-path PREFIX`` with the built-in catalog (what
-    ``tests.conftest.launch_server`` does, with the prefix)."""
-    catalog = tmp / "catalog.toml"
-    catalog.write_text(DEFAULT_CATALOG.read_text())
-    data_dir, port = tmp / "data", free_port()
-    log_path, out_path = tmp / "serve.log", tmp / "serve.out"
-    with open(log_path, "wb") as log, open(out_path, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "modelfleet", "serve", "--port", str(port), "--data-dir",
-             str(data_dir), "--catalog", str(catalog), "--root-path", prefix],
-            stdout=out, stderr=log, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {log_path.read_text()}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            stop_server(proc)
-            raise RuntimeError("server did not start")
-        time.sleep(0.1)
-    key = out_path.read_text().strip().splitlines()[0]
-    admin = _cli("keys", "create", "--project", "ops", "--scope", "admin", data_dir=data_dir)
-    return Server(url, data_dir, log_path, key, admin, proc)
+    """``modelfleet serve --root-path PREFIX`` with the built-in catalog."""
+    return launch_server(tmp, DEFAULT_CATALOG.read_text(), args=("--root-path", prefix))
 
 
 @pytest.fixture(scope="module")

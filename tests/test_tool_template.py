@@ -17,7 +17,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 import jsonschema
@@ -69,16 +69,7 @@ TOOLS: list[Any] = [{"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city", "parameters": WEATHER}}]
 
 
-def _u64(f: IO[bytes]) -> int:
-    return int(struct.unpack("<Q", f.read(8))[0])
-
-
-def _u32(f: IO[bytes]) -> int:
-    return int(struct.unpack("<I", f.read(4))[0])
-
-
-def _skip_value(f: IO[bytes], kind: int) -> None:
-    template._skip(f, kind)
+_u32, _u64, _skip_value = template._u32, template._u64, template._skip
 
 
 def with_template(src: Path, dst: Path, chat_template: str) -> None:

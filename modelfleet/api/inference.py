@@ -29,7 +29,7 @@ from modelfleet.api.http import presented_key, read_body, request_id
 from modelfleet.batches import Terms
 from modelfleet.catalog import ModelSpec
 from modelfleet.engines.http import WorkerClient
-from modelfleet.errors import ModelfleetError, RequestTooLarge
+from modelfleet.errors import ModelfleetError, ModelNotFound, RequestTooLarge
 from modelfleet.gateway import Call, Starting
 from modelfleet.keys import Principal
 from modelfleet.keys import Scope as KeyScope
@@ -284,7 +284,10 @@ class RequestPath:
                     f"request body is {len(raw)} bytes; model {spec.id!r} takes at most "
                     f"{spec.limits.max_request_bytes}"
                 )
-            engine = gateway.fleet.pools[spec.id].engine
+            pool = gateway.fleet.pools.get(spec.id)
+            if pool is None:  # removed at runtime since the catalog was read
+                raise ModelNotFound(f"model {body.model!r} does not exist", param="model")
+            engine = pool.engine
             spec = engine.effective(spec)  # tool_calling "auto" resolved
             if path == RESPONSES_PATH:  # a chat request, rendered as a Response
                 turn = responses.Turn(self.store, principal, spec, body)

@@ -80,18 +80,24 @@ def parse_body(model: type[M], raw: bytes) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "missing":
-            message = f"field required: {loc}"
-        elif err["type"] == "extra_forbidden":
-            message = f"unrecognized request argument: {loc}"
-        else:
-            message = f"{loc}: {err['msg']}"
-        extra = len(exc.errors()) - 1
-        if extra:
-            message += f" (and {extra} more error{'s' if extra > 1 else ''})"
-        raise ValidationFailed(message, param=loc or None) from None
+        raise validation_failed(exc) from None
+
+
+def validation_failed(exc: ValidationError, prefix: str = "") -> ValidationFailed:
+    """A pydantic error as the API's 422, its first problem named (``prefix``
+    in front of the field's path: ``input[3].``)."""
+    err = exc.errors()[0]
+    loc = prefix + ".".join(str(p) for p in err["loc"])
+    if err["type"] == "missing":
+        message = f"field required: {loc}"
+    elif err["type"] == "extra_forbidden":
+        message = f"unrecognized request argument: {loc}"
+    else:
+        message = f"{loc}: {err['msg']}"
+    extra = len(exc.errors()) - 1
+    if extra:
+        message += f" (and {extra} more error{'s' if extra > 1 else ''})"
+    return ValidationFailed(message, param=loc or None)
 
 
 ENDPOINT_OF_KIND = {

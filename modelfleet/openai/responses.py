@@ -23,12 +23,20 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 
 from modelfleet.catalog import ModelKind, ModelSpec
-from modelfleet.errors import ImageInputNotSupported, InvalidRequest, ModelfleetError, ValidationFailed
+from modelfleet.errors import ImageInputNotSupported, InvalidRequest, ModelfleetError
 from modelfleet.openai import chat
-from modelfleet.openai.common import Float, Int64, ModelName, Strict, require_kind
+from modelfleet.openai.chat import _Lenient  # items sent back as got: unknown keys dropped
+from modelfleet.openai.common import (
+    Float,
+    Int64,
+    ModelName,
+    Strict,
+    require_kind,
+    validation_failed,
+)
 
 RESPONSES_PATH = "/v1/responses"
 # Chat-side names of what a Responses request calls otherwise (errors name the
@@ -42,12 +50,6 @@ def new_id(prefix: str) -> str:
 
 
 # -- the request ------------------------------------------------------------------
-
-
-class _Lenient(BaseModel):
-    """Items a client sends back as it got them: unknown keys are dropped."""
-
-    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
 Text = Annotated[str, Field(max_length=1_000_000)]
@@ -201,10 +203,7 @@ def parse_items(body: ResponsesRequest) -> list[Item]:
         try:
             items.append(adapter.validate_python(entry))
         except ValidationError as exc:
-            err = exc.errors()[0]
-            loc = ".".join(str(p) for p in err["loc"])
-            raise ValidationFailed(f"input[{i}].{loc}: {err['msg']}",
-                                   param=f"input[{i}].{loc}") from None
+            raise validation_failed(exc, f"input[{i}].") from None
     return items
 
 
@@ -321,8 +320,7 @@ def to_chat(spec: ModelSpec, body: ResponsesRequest, context: list[Item],
     try:
         return chat.ChatRequest.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        raise ValidationFailed(f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        raise validation_failed(exc) from None
 
 
 def renamed(exc: ModelfleetError) -> ModelfleetError:
