@@ -257,6 +257,13 @@ class Gateway:
         finally:
             await self._settle(call)
 
+    async def settle_durably(self, call: Call) -> None:
+        """Settle ``call`` now, inside ``handle``, and wait for its usage row to
+        be committed (a job settles before it is marked done, so a crash
+        between the two cannot leave a finished job unpaid)."""
+        call.settle_before_end = True
+        await self._settle(call)
+
     async def _settle(self, call: Call) -> None:
         """The request's single cleanup step: stats, money and limits, metrics.
         A delivered answer is settled before its end is sent (``settle_before_end``):

@@ -63,7 +63,7 @@ from modelfleet.openai.images import ImageJob
 from modelfleet.scheduler import Lease
 from modelfleet.settings import JobSettings
 from modelfleet.states import TERMINAL, JobState, RequestState
-from modelfleet.tables import Job
+from modelfleet.tables import Job, UsageRecord
 from modelfleet.tasks import TaskOwner
 from modelfleet.workers.common import pid_alive
 
@@ -355,6 +355,8 @@ class JobService:
         try:
             if spec is None:
                 raise JobFailed("model_not_found", f"model {row.model_id!r} is no longer served")
+            if await self._already_charged(row, hook):
+                return
             await self._generate(row, spec)
         except asyncio.CancelledError:
             if row.id not in self._user_cancelled:  # the server is stopping: runs after restart
@@ -367,6 +369,23 @@ class JobService:
                                     finished_at=self.clock(), error_code=exc.code,
                                     error_message=exc.message, webhook_state=hook):
                     break
+
+    async def _already_charged(self, row: Job, hook: str) -> bool:
+        """A run whose gateway died after the job was charged (its results
+        written, its usage row committed) but before its row said succeeded:
+        marked succeeded now, from the usage row, without running (or charging)
+        it again."""
+        async with self.db.session() as session:
+            usage = await session.get(UsageRecord, row.id)
+        if usage is None or usage.images <= 0:
+            return False
+        now = self.clock()
+        if await self._move(row.id, JobState.queued, status=JobState.succeeded.value,
+                            finished_at=now, images=usage.images, cost=usage.cost,
+                            expires_at=now + timedelta(seconds=self.settings.retention_s),
+                            webhook_state=hook):
+            log.info("job %s was charged by an interrupted run; marked succeeded", row.id)
+        return True
 
     def _call(self, row: Job, spec: ModelSpec, payload: dict[str, Any]) -> Call:
         call = Call(request_id=row.id, route_model=row.model_id, spec=spec, principal=Principal(
@@ -411,15 +430,19 @@ class JobService:
                     call.status = RequestState.failed
                     raise JobFailed("worker_failed", "the worker returned no images")
                 await asyncio.to_thread(_write_files, self.results_dir / row.id, pngs)
+                # charged (the usage row committed) before the row says succeeded:
+                # a crash in between leaves a paid job that the next run finds
+                # paid and marks done (``_already_charged``), never an unpaid one
+                call.images = len(pngs)
+                call.status = RequestState.succeeded
+                await self.gateway.settle_durably(call)
                 now = self.clock()
                 cost = spec.prices.per_image * len(pngs) if self.metering.enabled else 0
                 if not await self._move(row.id, JobState.running, status=JobState.succeeded.value,
                                         finished_at=now, images=len(pngs), cost=cost,
                                         expires_at=now + timedelta(seconds=self.settings.retention_s),
                                         webhook_state="pending" if row.webhook_url else "none"):
-                    call.status = RequestState.failed
                     raise JobFailed("conflict", "the job changed state while it ran")
-                call.images = len(pngs)
         except ModelfleetError as exc:
             raise JobFailed(_failure_code(exc), exc.message) from None
 

@@ -206,6 +206,7 @@ async def test_add_change_and_remove_a_model_through_the_admin_api(tmp_path: Pat
         new_pool = gw.services.fleet.pools[NEW]
         running = asyncio.create_task(gw.chat(NEW, max_tokens=16, content="Tell a long story."))
         await within(30, lambda: _true(any(r.outstanding for r in new_pool.replicas)))
+        process = new_pool.replicas[0]  # (it may be gone by the time the request returns)
         removed = await gw.client.delete(f"/v1/admin/models/{NEW}", headers=admin)
         assert removed.status_code == 200, removed.text
         assert removed.json() == {"object": "catalog_model.deleted", "id": NEW, "deleted": True}
@@ -216,7 +217,6 @@ async def test_add_change_and_remove_a_model_through_the_admin_api(tmp_path: Pat
         assert finished.status_code == 200, finished.text
         assert NEW not in await gw.models()
         # then its replicas stop
-        process = new_pool.replicas[0]
         await within(10, lambda: _true(not new_pool.replicas and not gw.services.fleet.draining))
         assert process.state.value == "stopped"
         listed = (await gw.client.get("/v1/admin/models", headers=admin)).json()
