@@ -38,13 +38,23 @@ from typing import TYPE_CHECKING, Any, Protocol
 import orjson
 from sqlalchemy import select, update
 
+from modelfleet.catalog import ModelSpec
 from modelfleet.db import Database
-from modelfleet.errors import Conflict, InvalidRequest, ModelfleetError, NotFound, RateLimited
+from modelfleet.errors import (
+    Conflict,
+    InvalidRequest,
+    ModelfleetError,
+    NotFound,
+    Preempted,
+    RateLimited,
+)
 from modelfleet.files import BATCH_URLS, FileStore, derived_file_id, request_lines
 from modelfleet.gateway import Gateway
 from modelfleet.ids import uuid7
 from modelfleet.jobs import _owner_gone, owner_id
 from modelfleet.keys import Principal, Scope
+from modelfleet.projects import PlanLimits
+from modelfleet.scheduler import BACKGROUND
 from modelfleet.settings import BatchSettings, JobSettings
 from modelfleet.tables import Batch, BatchLine, StoredFile, UsageRecord
 from modelfleet.tasks import TaskOwner
@@ -56,11 +66,13 @@ log = logging.getLogger(__name__)
 
 # Below every plan's priority class: a waiting interactive request is always
 # served first (fairqueue.py serves higher classes first).
-BATCH_PRIORITY = -(2**31)
+BATCH_PRIORITY = BACKGROUND
 WINDOWS = ("24h",)
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 MAX_METADATA_PAIRS = 16
+# A line preempted for interactive requests queues again after this long.
+PREEMPTED_RETRY_S = 1.0
 _LINE_IDS = uuid.UUID("5b0c9d8e-6a55-4c1e-9f3b-2d7f0e1a4c11")
 
 
@@ -89,9 +101,19 @@ class Terms:
     may wait for a slot, and whether it is metered at all."""
 
     priority: int
-    discount_pct: int = 0
+    discount_pct: int = 0  # the server's; a plan's or the model's wins (discount_for)
     queue_timeout_s: float | None = None
     metered: bool = True
+
+    def discount_for(self, spec: ModelSpec, plan: PlanLimits) -> int:
+        """The discount on ``spec`` for a project on ``plan``: the plan's
+        batch_discount_pct, else the model's prices.batch_discount_pct, else
+        the server's."""
+        if plan.batch_discount_pct is not None:
+            return plan.batch_discount_pct
+        if spec.prices.batch_discount_pct is not None:
+            return spec.prices.batch_discount_pct
+        return self.discount_pct
 
 
 class LinePath(Protocol):
@@ -120,7 +142,7 @@ def check_metadata(metadata: Any) -> dict[str, str] | None:
 def batch_view(row: Batch) -> dict[str, Any]:
     """The batch as the API shows it (OpenAI's ``Batch``)."""
     errors = orjson.loads(row.errors) if row.errors else None
-    return {
+    view = {
         "id": row.id,
         "object": "batch",
         "endpoint": row.endpoint,
@@ -140,8 +162,15 @@ def batch_view(row: Batch) -> dict[str, Any]:
         "cancelling_at": _ts(row.cancelling_at),
         "cancelled_at": _ts(row.cancelled_at),
         "request_counts": {"total": row.total, "completed": row.completed, "failed": row.failed},
+        "usage": {"input_tokens": row.input_tokens or 0,
+                  "input_tokens_details": {"cached_tokens": row.cached_tokens or 0},
+                  "output_tokens": row.output_tokens or 0,
+                  "output_tokens_details": {"reasoning_tokens": 0},
+                  "total_tokens": (row.input_tokens or 0) + (row.output_tokens or 0)},
         "metadata": orjson.loads(row.batch_metadata) if row.batch_metadata else None,
     }
+    # The spec's optional fields are not nullable: one not set is absent, not null.
+    return {k: v for k, v in view.items() if v is not None}
 
 
 def _output(rid: str, custom_id: str, status: int | None, body: Any,
@@ -151,6 +180,12 @@ def _output(rid: str, custom_id: str, status: int | None, body: Any,
                                             "body": body}
     return orjson.dumps({"id": f"batch_req_{rid.replace('-', '')}", "custom_id": custom_id,
                          "response": response, "error": error})
+
+
+def _expired_output(rid: str, custom_id: str) -> bytes:
+    return _output(rid, custom_id, None, None, {
+        "code": "batch_expired",
+        "message": "This request could not be executed before the completion window expired."})
 
 
 async def _given(raw: bytes) -> bytes:
@@ -369,13 +404,20 @@ class BatchService:
         terms = Terms(BATCH_PRIORITY, self.settings.discount_pct, self.settings.queue_timeout_s,
                       metered=not await self._charged(rid))
         body = orjson.dumps(entry["body"])
+        usage: dict[str, Any] = {}
         while True:
             try:
                 prepared = await self.path.prepare(principal, lambda: _given(body),
                                                    entry["url"], rid, None, terms)
                 async with self.gateway.handle(prepared.call, prepared.starting) as answer:
                     answered = await prepared.render(answer.body or {})
+                usage = prepared.call.usage
                 result, ok = _output(rid, entry["custom_id"], 200, answered), True
+            except Preempted:  # its replica went to interactive requests: not charged, again
+                if row.id not in self._stopping and self.clock() < row.expires_at:
+                    await asyncio.sleep(PREEMPTED_RETRY_S)
+                    continue
+                result, ok = _expired_output(rid, entry["custom_id"]), False
             except RateLimited as exc:  # a line waits for its limits, while its batch runs
                 if row.id not in self._stopping and self.clock() < row.expires_at:
                     await asyncio.sleep(_retry_after(exc))
@@ -388,25 +430,30 @@ class BatchService:
                 error = ModelfleetError("internal server error")
                 result, ok = _output(rid, entry["custom_id"], 500, error.body()), False
             break
-        await self._record(row.id, index, ok, result)
+        await self._record(row.id, index, ok, result, usage)
 
     async def _expire_line(self, row: Batch, index: int, raw: bytes) -> None:
         entry = orjson.loads(raw)
-        await self._record(row.id, index, False, _output(
-            line_request_id(row.id, index), entry["custom_id"], None, None,
-            {"code": "batch_expired", "message": "This request could not be executed before "
-             "the completion window expired."}))
+        await self._record(row.id, index, False,
+                           _expired_output(line_request_id(row.id, index), entry["custom_id"]))
 
-    async def _record(self, batch_id: str, index: int, ok: bool, result: bytes) -> None:
-        """A finished line and the batch's counters, in one transaction (once)."""
+    async def _record(self, batch_id: str, index: int, ok: bool, result: bytes,
+                      usage: dict[str, Any] | None = None) -> None:
+        """A finished line and the batch's counters and tokens, in one
+        transaction (once)."""
+        usage = usage or {}
+        cached = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
         async with self.db.session() as session, session.begin():
             if await session.get(BatchLine, (batch_id, index)) is not None:
                 return
             session.add(BatchLine(batch_id=batch_id, line=index, ok=ok, result=result.decode(),
                                   created_at=self.clock()))
             counter = Batch.completed if ok else Batch.failed
-            await session.execute(update(Batch).where(Batch.id == batch_id)
-                                  .values({counter: counter + 1}))
+            await session.execute(update(Batch).where(Batch.id == batch_id).values({
+                counter: counter + 1,
+                Batch.input_tokens: Batch.input_tokens + int(usage.get("prompt_tokens", 0)),
+                Batch.output_tokens: Batch.output_tokens + int(usage.get("completion_tokens", 0)),
+                Batch.cached_tokens: Batch.cached_tokens + int(cached or 0)}))
 
     async def _finalize(self, batch_id: str, expired: bool) -> None:
         """Write the output and error files, then end the batch."""

@@ -27,6 +27,8 @@ class ModelKind(StrEnum):
     completion = "completion"
     embedding = "embedding"
     image = "image"
+    video = "video"
+    task = "task"
 
 
 TEXT_KINDS = frozenset({ModelKind.chat, ModelKind.completion})
@@ -126,8 +128,39 @@ class DiffusersEngine(_Strict):
     gpus: Annotated[int, Field(ge=0)] = 0
 
 
+class TaskEngine(_Strict):
+    """modelfleet's own task worker (``modelfleet.workers.tasks``): zero-shot
+    classification on a sentence-transformers folder, or NER and PII
+    detection on an installed spaCy pipeline package (docs/tasks.md)."""
+
+    type: Literal["modelfleet-task"]
+    task: Literal["classification", "ner", "pii"]
+    # classification: a sentence-transformers folder, as model_dir of
+    # "sentence-transformers" (a path or package:PKG/DIR).
+    model_dir: str | None = None
+    # ner, pii: the import name of an installed spaCy pipeline package.
+    spacy_model: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
+    pypi_package: str | None = None
+    # classification: the labels a request that sends none is scored against.
+    labels: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(
+        default_factory=list, max_length=64)
+    threads: PositiveInt = 2
+    startup_timeout_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 120.0
+    memory_mib: PositiveInt = 768
+    gpus: Annotated[int, Field(ge=0)] = 0
+
+    @model_validator(mode="after")
+    def _model_for_task(self) -> TaskEngine:
+        if self.task == "classification" and not self.model_dir:
+            raise ValueError('task "classification" needs model_dir (a sentence-transformers folder)')
+        if self.task != "classification" and not self.spacy_model:
+            raise ValueError(f'task "{self.task}" needs spacy_model (a spaCy pipeline package)')
+        return self
+
+
 EngineSpec = Annotated[
-    LlamaCppEngine | ExternalEngine | ServerEngine | SentenceTransformersEngine | DiffusersEngine,
+    LlamaCppEngine | ExternalEngine | ServerEngine | SentenceTransformersEngine | DiffusersEngine
+    | TaskEngine,
     Field(discriminator="type"),
 ]
 
@@ -137,6 +170,8 @@ ENGINES_FOR_KIND = {
     "completion": ("llama.cpp", "external", "vllm", "sglang"),
     "embedding": ("sentence-transformers", "external", "vllm"),
     "image": ("diffusers",),
+    "video": ("diffusers",),
+    "task": ("modelfleet-task",),
 }
 
 
@@ -162,6 +197,15 @@ class Limits(_Strict):
         default_factory=lambda: ["512x512"])
     min_steps: PositiveInt = 1
     max_steps: PositiveInt = 50
+    # Video models (docs/videos.md): frames per video, a count of the form
+    # 1 + k * frame_step (LTX-Video: 8k + 1); frames per second; and the
+    # longest video, frames / fps, in seconds.
+    min_frames: PositiveInt = 1
+    max_frames: PositiveInt = 257
+    frame_step: PositiveInt = 1
+    min_fps: PositiveInt = 1
+    max_fps: Annotated[int, Field(gt=0, le=120)] = 30
+    max_seconds: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 10.0
     # Costly inputs, refused with 400 before they reach a worker
     # (``openai/bounds.py``): characters per stop sequence; nesting depth of
     # the free-form JSON fields (metadata, tool parameters, a response_format
@@ -189,6 +233,8 @@ class Limits(_Strict):
             raise ValueError("min_steps must not exceed max_steps")
         if not self.sizes:
             raise ValueError("sizes must list at least one WxH size")
+        if self.min_frames > self.max_frames or self.min_fps > self.max_fps:
+            raise ValueError("min_frames and min_fps must not exceed max_frames and max_fps")
         return self
 
 
@@ -208,6 +254,14 @@ class ImageDefaults(_Strict):
     negative_prompt: str = ""
     # How far image-to-image may move from the input image (0-1].
     strength: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 0.75
+
+
+class VideoDefaults(ImageDefaults):
+    """``parameter_defaults`` of a video model: the image keys (strength is
+    unused) plus frames per video and frames per second."""
+
+    frames: PositiveInt = 9
+    fps: PositiveInt = 8
 
 
 class Capabilities(_Strict):
@@ -290,6 +344,12 @@ class Prices(_Strict):
     output_per_million: Annotated[int, Field(ge=0)] = 0
     # Image models: micro-units per generated image.
     per_image: Annotated[int, Field(ge=0)] = 0
+    # Video models: micro-units per second of video (frames / fps), rounded up
+    # to a whole micro-unit per video.
+    per_video_second: Annotated[int, Field(ge=0)] = 0
+    # Percent off for batch lines (None: the server's MODELFLEET_BATCH_DISCOUNT_PCT;
+    # a plan's batch_discount_pct wins over both).
+    batch_discount_pct: Annotated[int, Field(ge=0, le=100)] | None = None
 
 
 class Placement(_Strict):
@@ -323,7 +383,8 @@ class ModelSpec(_Strict):
     engine: EngineSpec
     limits: Limits = Field(default_factory=Limits)
     defaults: Defaults = Field(default_factory=Defaults)
-    parameter_defaults: ImageDefaults = Field(default_factory=ImageDefaults)
+    # A video model's are VideoDefaults (``_video_defaults``).
+    parameter_defaults: ImageDefaults | VideoDefaults = Field(default_factory=ImageDefaults)
     capabilities: Capabilities = Field(default_factory=Capabilities)
     scaling: Scaling = Field(default_factory=Scaling)
     prices: Prices = Field(default_factory=Prices)
@@ -338,13 +399,36 @@ class ModelSpec(_Strict):
         if self.engine.type not in ENGINES_FOR_KIND[self.kind.value]:
             raise ValueError(f"engine {self.engine.type!r} cannot serve a {self.kind.value} model "
                              f"(use one of {', '.join(ENGINES_FOR_KIND[self.kind.value])})")
-        if self.kind is ModelKind.image:
+        if self.kind is ModelKind.video:
+            self._video_checks()
+        elif isinstance(self.parameter_defaults, VideoDefaults):
+            raise ValueError("parameter_defaults.frames and .fps are for video models only")
+        if self.kind in (ModelKind.image, ModelKind.video):
             d, lim = self.parameter_defaults, self.limits
             if f"{d.width}x{d.height}" not in lim.sizes:
                 raise ValueError(f"parameter_defaults size {d.width}x{d.height} is not in limits.sizes")
             if not lim.min_steps <= d.steps <= lim.max_steps:
                 raise ValueError("parameter_defaults.steps is outside limits.min_steps..max_steps")
+        if self.kind is ModelKind.task and 4 * self.limits.max_prompt_chars > self.limits.context_length:
+            # the hold counts the text's UTF-8 bytes, up to context_length (docs/tasks.md, "Usage")
+            raise ValueError("task models: limits.context_length must be at least 4 x "
+                             "limits.max_prompt_chars")
         return self
+
+    def _video_checks(self) -> None:
+        """A video model's defaults are VideoDefaults, and within its limits."""
+        d = self.parameter_defaults
+        if not isinstance(d, VideoDefaults):  # read as image defaults: no frames/fps keys
+            d = VideoDefaults(**d.model_dump())
+            object.__setattr__(self, "parameter_defaults", d)  # still being built
+        lim = self.limits
+        if not lim.min_frames <= d.frames <= lim.max_frames or (d.frames - 1) % lim.frame_step:
+            raise ValueError("parameter_defaults.frames is outside limits.min_frames..max_frames "
+                             "or not 1 + k * limits.frame_step")
+        if not lim.min_fps <= d.fps <= lim.max_fps:
+            raise ValueError("parameter_defaults.fps is outside limits.min_fps..max_fps")
+        if d.frames / d.fps > lim.max_seconds:
+            raise ValueError("parameter_defaults: frames / fps is longer than limits.max_seconds")
 
     @property
     def backend(self) -> str:

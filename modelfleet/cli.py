@@ -479,6 +479,9 @@ def plans_set(
     project_concurrency: LimitOpt = None,
     priority: Annotated[int | None, typer.Option(help="Higher is served first")] = None,
     weight: Annotated[int | None, typer.Option(help="Share among equal priorities (>= 1)")] = None,
+    batch_discount_pct: Annotated[int | None, typer.Option(
+        help="Percent off batch lines' prices (0-100; -1: unset, the model's or the "
+             "server's)")] = None,
     data_dir: DataDir = None,
 ) -> None:
     """Create a plan, or change the given limits of an existing one."""
@@ -491,6 +494,8 @@ def plans_set(
         _fail("--priority is out of range")
     if weight is not None and not 1 <= weight <= INT32_MAX:
         _fail("--weight must be a positive integer")
+    if batch_discount_pct is not None and not -1 <= batch_discount_pct <= 100:
+        _fail("--batch-discount-pct must be 0 to 100 (or -1 to unset)")
 
     async def work(db: Database) -> PlanLimits:
         projects = await _project_service(db, load_catalog(DEFAULT_CATALOG))
@@ -501,6 +506,8 @@ def plans_set(
             changes["priority"] = priority
         if weight is not None:
             changes["weight"] = weight
+        if batch_discount_pct is not None:
+            changes["batch_discount_pct"] = None if batch_discount_pct < 0 else batch_discount_pct
         return await projects.set_plan(replace(base, **changes))
 
     plan = _with_db(data_dir, work)
@@ -518,7 +525,7 @@ def plans_list(data_dir: DataDir = None) -> None:
 
 
 def _print_plans(plans: list[PlanLimits]) -> None:
-    headers = ["name", *LIMIT_FIELDS, "priority", "weight"]
+    headers = ["name", *LIMIT_FIELDS, "priority", "weight", "batch_discount_pct"]
     _print_rows(headers, [[str(v) if v is not None else "none" for v in p.as_dict().values()]
                           for p in plans])
 
@@ -752,9 +759,28 @@ def models_make_tiny_image(
     so the image job flow can be tried without real weights: its images are noise."""
     from modelfleet.workers.tinydiffusion import build_tiny_pipeline
 
-    target = path or _settings(data_dir).models_dir / "modelfleet-tiny-random-sd"
-    build_tiny_pipeline(target)
-    err.print(f"tiny random pipeline written to {target}; model 'modelfleet/tiny-random-sd' "
+    _make_tiny(build_tiny_pipeline, "tiny-random-sd", path, data_dir)
+
+
+@models_app.command("make-tiny-video")
+def models_make_tiny_video(
+    path: Annotated[Path | None, typer.Argument(help="Folder to write (default: the "
+                    "tiny-random-video model's folder in the data folder)")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Build a tiny LTX-Video pipeline with RANDOM weights (under 1 MB, offline),
+    so the video job flow can be tried without real weights: its videos are noise."""
+    from modelfleet.workers.tinyvideo import build_tiny_video_pipeline
+
+    _make_tiny(build_tiny_video_pipeline, "tiny-random-video", path, data_dir)
+
+
+def _make_tiny(build: Callable[[Path], Path], name: str, path: Path | None,
+               data_dir: Path | None) -> None:
+    """Build the tiny model ``modelfleet/NAME`` into its catalog folder (or ``path``)."""
+    target = path or _settings(data_dir).models_dir / f"modelfleet-{name}"
+    build(target)
+    err.print(f"tiny random pipeline written to {target}; model 'modelfleet/{name}' "
               "can serve now", markup=False, highlight=False)
 
 

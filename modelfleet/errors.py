@@ -160,6 +160,13 @@ class ModelUnavailable(ServiceUnavailable):
     default_code = "model_unavailable"
 
 
+class Preempted(ModelUnavailable):
+    """Background work (a batch line) stopped because its replica was swapped
+    out for interactive requests; it was not charged and runs again."""
+
+    default_code = "preempted"
+
+
 class DeadlineExceeded(ModelfleetError):
     status = 504
     type = "timeout_error"

@@ -70,9 +70,13 @@ class FairQueue(Generic[T]):
         if not order:
             del self._classes[key[0]]
 
-    def pop(self, eligible: Callable[[str], bool] = lambda project: True) -> T | None:
-        """The next item in fair order among projects ``eligible`` allows, or None."""
+    def pop(self, eligible: Callable[[str], bool] = lambda project: True,
+            above: int | None = None) -> T | None:
+        """The next item in fair order among projects ``eligible`` allows (and
+        classes above ``above``, if given), or None."""
         for priority in sorted(self._classes, reverse=True):
+            if above is not None and priority <= above:
+                break
             order = self._classes[priority]
             for _ in range(2 * len(order)):
                 flow = order[0]
@@ -90,6 +94,10 @@ class FairQueue(Generic[T]):
                     order.rotate(-1)  # its turn is spent: next project
                 return item
         return None
+
+    def waiting_above(self, priority: int) -> int:
+        """Items waiting in classes above ``priority``."""
+        return sum(len(flow.items) for (prio, _), flow in self._flows.items() if prio > priority)
 
     def waiting_by_project(self) -> dict[str, int]:
         out: dict[str, int] = {}

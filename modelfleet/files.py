@@ -139,9 +139,11 @@ def request_lines(path: Path) -> list[bytes]:
 
 def file_view(row: StoredFile) -> dict[str, Any]:
     """The file as the API shows it (OpenAI's ``OpenAIFile``)."""
-    return {"id": row.id, "object": "file", "bytes": row.bytes, "created_at": _ts(row.created_at),
-            "expires_at": _ts(row.expires_at), "filename": row.filename, "purpose": row.purpose,
-            "status": "processed", "status_details": None}
+    view = {"id": row.id, "object": "file", "bytes": row.bytes, "created_at": _ts(row.created_at),
+            "filename": row.filename, "purpose": row.purpose, "status": "processed"}
+    if row.expires_at is not None:  # the spec's fields are not nullable: absent, not null
+        view["expires_at"] = _ts(row.expires_at)
+    return view
 
 
 class FileStore:

@@ -120,6 +120,7 @@ class ModelPool:
         self.on_unavailable: Callable[[str], None] = lambda reason: None
         self.demand: Callable[[], int] = lambda: 0
         self.waiting: Callable[[], int] = lambda: 0
+        self.interactive_waiting: Callable[[], int] = lambda: 0  # above background work
         # Set by the fleet: placement within the machine's budget.
         self.room: Room | None = None
         self.blocked: str | None = None  # why a wanted replica cannot start now
@@ -189,10 +190,12 @@ class ModelPool:
 
     # -- routing ----------------------------------------------------------------
 
-    def free_replica(self) -> Replica | None:
+    def free_replica(self, keep_free: int = 0) -> Replica | None:
+        """The least loaded replica with a free slot (leaving ``keep_free``)."""
         best: Replica | None = None
         for replica in self.replicas:
-            if replica.has_room and (best is None or replica.outstanding < best.outstanding):
+            if replica.room_for(keep_free) and (best is None
+                                                or replica.outstanding < best.outstanding):
                 best = replica
         return best
 
@@ -457,8 +460,24 @@ class ModelPool:
         return (replica.state is ReplicaState.ready and not replica.busy
                 and self.total_waiting() == 0)
 
+    def yields_to(self, replica: Replica, other: ModelPool) -> bool:
+        """Whether ``replica`` may be stopped to make room for ``other``: it is
+        idle, or it runs only background work while ``other`` has interactive
+        requests waiting and this model has none (batch lines never hold a
+        replica against an interactive request waiting for room)."""
+        if self.live_replicas <= self.spec.scaling.min_replicas:
+            return False
+        if self.is_idle(replica):
+            return True
+        return (replica.background_only and other.interactive_waiting() > 0
+                and self.interactive_waiting() == 0 and self.remote.waiting == 0)
+
     def evict(self, replica: Replica, reason: str) -> None:
-        """Stop an idle replica to make room for another model."""
+        """Stop an idle replica (or one running only background work, which is
+        preempted and runs again later) to make room for another model."""
+        preempted = replica.preempt()
+        if preempted:
+            reason = f"{reason} (preempting {preempted} background requests)"
         before = self.live_replicas
         self.desired = min(self.desired, before - 1)
         self._record(before, before - 1, reason)
@@ -629,12 +648,7 @@ class Room:
         free = self.budget - self.used()
         if need.fits_in(free):
             return True
-        victims = sorted(
-            (r for other in self.pools.values() if other is not pool
-             for r in other.replicas
-             if other.is_idle(r) and other.live_replicas > other.spec.scaling.min_replicas),
-            key=lambda r: r.last_used,
-        )
+        victims = self.victims(pool)
         chosen: list[Replica] = []
         for victim in victims:
             if need.fits_in(free):
@@ -651,6 +665,17 @@ class Room:
         for victim in chosen:
             self.pools[victim.model_id].evict(victim, f"swapped out for {pool.spec.id}")
         return True
+
+    def victims(self, pool: ModelPool, node_id: str | None = None) -> list[Replica]:
+        """The replicas that may be stopped to make room for ``pool`` (on one
+        node, or anywhere): idle ones first, least recently used first, then
+        ones running only background work."""
+        return sorted(
+            (r for other in self.pools.values() if other is not pool
+             for r in other.replicas
+             if (node_id is None or r.node_id == node_id) and other.yields_to(r, pool)),
+            key=lambda r: (r.busy, r.last_used),
+        )
 
     def retry_blocked(self) -> None:
         for pool in self.pools.values():

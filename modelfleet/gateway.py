@@ -39,6 +39,7 @@ from modelfleet.errors import (
     ModelfleetError,
     ModelNotFound,
     ModelUnavailable,
+    Preempted,
     UpstreamError,
 )
 from modelfleet.fleet import Fleet
@@ -106,6 +107,9 @@ class Call:
     # Whether a client that goes away may cancel the owner task now (not once
     # settlement began: it runs to its end).
     cancellable: bool = True
+    # Background work stopped to make room for interactive requests: it runs
+    # again under the same request id, so this attempt leaves no usage row.
+    preempted: bool = False
     # A grammar tool call's streamed answer, kept until its end (openai/tools.py).
     tool_stream: tools.ToolStream | None = None
 
@@ -282,7 +286,8 @@ class Gateway:
             outcome = Outcome(call.request_id, call.status, dict(call.usage), call.wait_s,
                               call.run_s, call.images)
             written = await self.metering.settle(call.ticket, outcome, call.principal.key_id,
-                                                 durable=call.settle_before_end)
+                                                 durable=call.settle_before_end,
+                                                 record=not call.preempted)
             if written is not None:
                 try:
                     await asyncio.wait_for(asyncio.shield(written), DURABLE_WAIT_S)
@@ -335,6 +340,8 @@ class Gateway:
             run_deadline = deadline if call.queue_timeout_s is None \
                 else run_started + call.spec.scaling.request_timeout_s
             work = self.owner.spawn(self._post(queue, lease, call), call.request_id)
+            if lease.background:  # swapped out for interactive requests: stopped, run later
+                self._preemptible(lease, call, work)
             try:
                 async with asyncio.timeout(max(0.0, run_deadline - queue.clock())):
                     reply = await asyncio.shield(work)
@@ -349,9 +356,7 @@ class Gateway:
                 self._stop_work(call, work.cancel, work, run_started)
                 raise self._deadline(call, "did not finish") from None
             except asyncio.CancelledError:  # the client went away (or the gateway stops)
-                if not work.done():
-                    call.status = RequestState.cancelled
-                    self._stop_work(call, work.cancel, work, run_started)
+                self._cancelled(call, lease, work, run_started)
                 raise
             except WorkerUnreachable as exc:
                 await self._unreachable(call, lease, exc, attempt)
@@ -387,6 +392,8 @@ class Gateway:
             return reply
         finally:
             call.run_s = queue.clock() - started
+            # done: no longer preemptible (releasing may swap the replica out at once)
+            lease.replica.preemptible.pop(call.request_id, None)
             queue.release(lease)
 
     async def _post_folded(self, lease: Lease, call: Call) -> WorkerReply:
@@ -491,6 +498,32 @@ class Gateway:
             raise ModelUnavailable(
                 f"model {call.spec.id!r}: no replica answered after {attempt + 1} attempts"
             )
+
+    @staticmethod
+    def _preemptible(lease: Lease, call: Call, work: asyncio.Future[Any]) -> None:
+        replica, rid = lease.replica, call.request_id
+
+        def stop() -> None:
+            work.cancel()
+
+        replica.preemptible[rid] = stop
+        work.add_done_callback(lambda _: replica.preemptible.pop(rid, None))
+
+    def _cancelled(self, call: Call, lease: Lease, work: asyncio.Future[Any],
+                   run_started: float) -> None:
+        """The task running ``call`` was cancelled: its client went away (the
+        work is stopped, or left to finish), or, for background work, the work
+        itself was stopped because its replica was swapped out (``Preempted``:
+        not charged, and it runs again)."""
+        task = asyncio.current_task()
+        if work.cancelled() and lease.background and not (task and task.cancelling()):
+            call.status, call.preempted = RequestState.cancelled, True
+            raise Preempted(f"model {call.spec.id!r}: its replica was swapped out for "
+                            "interactive requests; this background request was stopped "
+                            "before it finished, and not charged") from None
+        if not work.done():
+            call.status = RequestState.cancelled
+            self._stop_work(call, work.cancel, work, run_started)
 
     def _stop_work(self, call: Call, stop: Callable[[], object], work: asyncio.Future[Any],
                    run_started: float) -> None:

@@ -1,12 +1,14 @@
-"""Durable async jobs (image generation): accepted, queued, run once, kept.
+"""Durable async jobs (image and video generation): accepted, queued, run
+once, kept.  A job type (``OUTPUTS``) says which worker endpoint makes its
+results, how they are stored and what they cost; the rest is shared.
 
     submit:  validate (400) → rate limits (429) and the worst case against the
              balance (403) → write inputs → row ``queued`` with this
              gateway's lease (committed before the client hears of it) → runner
     run:     ``Gateway.handle`` (the one request path): hold the worst case →
              fair queue for a slot (scale from zero, swapping) → row
-             ``running`` → POST to the worker → write PNGs → row
-             ``succeeded`` → settled per image in handle's cleanup → webhook
+             ``running`` → POST to the worker → write its PNGs (or MP4) →
+             row ``succeeded`` → settled per result in handle's cleanup → webhook
     leases:  the gateway running a job renews its lease; a job whose lease
              expired (its gateway died, or its owner process is gone) is
              claimed by another gateway: ``queued`` rows run again,
@@ -40,7 +42,7 @@ from typing import Any
 
 import aiohttp
 import orjson
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, delete, or_, select, update
 
 from modelfleet.admission import Ask, refuse_credit
 from modelfleet.catalog import Catalog, ModelSpec
@@ -60,6 +62,7 @@ from modelfleet.netguard import (
     not_allowed,
 )
 from modelfleet.openai.images import ImageJob
+from modelfleet.openai.videos import VideoJob, video_cost
 from modelfleet.scheduler import Lease
 from modelfleet.settings import JobSettings
 from modelfleet.states import TERMINAL, JobState, RequestState
@@ -69,7 +72,6 @@ from modelfleet.workers.common import pid_alive
 
 log = logging.getLogger(__name__)
 
-WORKER_PATH = "/v1/images/generate"
 SIGNATURE_HEADER = "X-Modelfleet-Signature"
 
 
@@ -100,6 +102,35 @@ def _owner_gone(owner: str | None) -> bool:
     if host != socket.gethostname()[:40] or not pid.isdigit():
         return False
     return not pid_alive(int(pid))
+
+
+@dataclass(frozen=True)
+class Output:
+    """What one job type asks its worker for, keeps and charges: ``count``
+    results, each at ``unit_price`` (the usage record's ``images``)."""
+
+    path: str  # the worker's endpoint
+    field: str  # the answer's list of base64 results
+    suffix: str  # of each result file
+    media_type: str
+    unit_price: Callable[[ModelSpec, dict[str, Any]], int]
+    count: Callable[[dict[str, Any]], int]
+
+
+OUTPUTS = {
+    "image": Output("/v1/images/generate", "images", "png", "image/png",
+                    lambda spec, _: spec.prices.per_image, lambda params: int(params.get("n", 1))),
+    # one video per job, priced by its length
+    "video": Output("/v1/videos/generate", "videos", "mp4", "video/mp4", video_cost,
+                    lambda _: 1),
+}
+
+
+def _price(job_type: str, spec: ModelSpec, params: dict[str, Any]) -> tuple[int, int]:
+    """(the price of one result, the worst case of the job)."""
+    out = OUTPUTS[job_type]
+    unit = out.unit_price(spec, params)
+    return unit, unit * out.count(params)
 
 
 class JobFailed(Exception):
@@ -199,15 +230,15 @@ class JobService:
 
     # -- files ------------------------------------------------------------------
 
-    def result_path(self, job_id: str, index: int) -> Path:
-        return self.results_dir / job_id / f"{index}.png"
+    def result_path(self, job_id: str, index: int, job_type: str = "image") -> Path:
+        return self.results_dir / job_id / f"{index}.{OUTPUTS[job_type].suffix}"
 
     def _inputs_dir(self, job_id: str) -> Path:
         return self.results_dir / "inputs" / job_id
 
     # -- the request path ---------------------------------------------------------
 
-    async def submit(self, principal: Principal, spec: ModelSpec, job: ImageJob,
+    async def submit(self, principal: Principal, spec: ModelSpec, job: ImageJob | VideoJob,
                      base_url: str) -> tuple[Job, dict[str, str]]:
         """Accept a job: check its limits and its worst case against the balance,
         keep its inputs, commit its row; its runner holds the money when it runs."""
@@ -219,7 +250,7 @@ class JobService:
                 Ask(new_id(), plan, principal.key_id, principal.project_id))
             await self.metering.store.settle(grant, used_tokens=0, cost=0)
             headers = grant.headers
-            worst = spec.prices.per_image * job.images
+            worst = _price(job.job_type, spec, job.params)[1]
             balance, held = await self.metering.store.balance(principal.project_id)
             if worst > balance - held:
                 raise refuse_credit(worst, balance - held)
@@ -230,7 +261,7 @@ class JobService:
                 await asyncio.to_thread(_write_files, inputs, job.inputs)
             now = self.clock()
             row = Job(id=job_id, project_id=principal.project_id, key_id=principal.key_id,
-                      model_id=spec.id, job_type="image", status=JobState.queued.value,
+                      model_id=spec.id, job_type=job.job_type, status=JobState.queued.value,
                       params=_Stored(job.params, base_url).dumps(), input_images=len(job.inputs),
                       images=0, attempts=0, cost=0, webhook_url=job.webhook_url,
                       webhook_state="none", webhook_attempts=0, created_at=now,
@@ -258,13 +289,35 @@ class JobService:
             raise NotFound(f"job {job_id!r} does not exist", code="job_not_found")
         return row
 
-    async def list(self, principal: Principal, status: str | None, limit: int) -> list[Job]:
+    async def list(self, principal: Principal, status: str | None, limit: int, *,
+                   job_type: str | None = None, after: str | None = None,
+                   ascending: bool = False) -> list[Job]:
+        """This project's jobs, newest first (or oldest first); ``after``: those
+        past the job of that id in this order (ids are time-ordered)."""
         query = select(Job).where(Job.project_id == principal.project_id)
         if status:
             query = query.where(Job.status == status)
-        query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+        if job_type:
+            query = query.where(Job.job_type == job_type)
+        if after:
+            query = query.where(Job.id > after if ascending else Job.id < after)
+        order = (Job.created_at.asc(), Job.id.asc()) if ascending \
+            else (Job.created_at.desc(), Job.id.desc())
+        query = query.order_by(*order).limit(limit)
         async with self.db.session() as session:
             return list((await session.execute(query)).scalars())
+
+    async def delete(self, principal: Principal, job_id: str) -> None:
+        """Delete a finished job of this project and its results (409 while it
+        is queued or running: cancel it first)."""
+        row = await self.get(principal, job_id)
+        if row.status not in TERMINAL:
+            raise Conflict(f"job {job_id!r} is {row.status}; only a finished job can be "
+                           "deleted (cancel a queued one first)", code="job_not_finished")
+        await asyncio.to_thread(shutil.rmtree, self.results_dir / job_id, True)
+        async with self.db.session() as session, session.begin():
+            await session.execute(delete(Job).where(Job.id == job_id,
+                                                    Job.status.in_([t.value for t in TERMINAL])))
 
     async def cancel(self, principal: Principal, job_id: str) -> Job:
         row = await self.get(principal, job_id)
@@ -309,6 +362,11 @@ class JobService:
             return await session.scalar(select(Job.status).where(Job.id == job_id))
 
     async def read_result(self, principal: Principal, job_id: str, index: int) -> bytes:
+        return (await self.read_media(principal, job_id, index))[0]
+
+    async def read_media(self, principal: Principal, job_id: str,
+                         index: int) -> tuple[bytes, str]:
+        """A result file of the job and its media type (image/png, video/mp4)."""
         row = await self.get(principal, job_id)
         if row.status != JobState.succeeded:
             raise Conflict(f"job {job_id!r} is {row.status}; it has no result",
@@ -317,10 +375,11 @@ class JobService:
             raise NotFound(f"the result of job {job_id!r} expired and was deleted",
                            code="result_expired")
         if not 0 <= index < row.images:
-            raise NotFound(f"job {job_id!r} has {row.images} images; there is no image {index}",
+            raise NotFound(f"job {job_id!r} has {row.images} results; there is no result {index}",
                            code="result_not_found")
         try:
-            return await asyncio.to_thread(self.result_path(job_id, index).read_bytes)
+            path = self.result_path(job_id, index, row.job_type)
+            return await asyncio.to_thread(path.read_bytes), OUTPUTS[row.job_type].media_type
         except FileNotFoundError:
             raise NotFound(f"the result of job {job_id!r} is no longer stored",
                            code="result_expired") from None
@@ -390,15 +449,15 @@ class JobService:
     def _call(self, row: Job, spec: ModelSpec, payload: dict[str, Any]) -> Call:
         call = Call(request_id=row.id, route_model=row.model_id, spec=spec, principal=Principal(
             key_id=row.key_id, project_id=row.project_id, project_name="", scopes=frozenset(),
-            expires_at=None), path=WORKER_PATH, payload=payload,
+            expires_at=None), path=OUTPUTS[row.job_type].path, payload=payload,
             claim=self.metering.claim_for(row.project_id),
             queue_timeout_s=self.settings.queue_timeout_s)
         if self.metering.enabled:
-            n = int(payload.get("n", 1))
+            unit, worst = _price(row.job_type, spec, payload)
             ask = Ask(row.id, self.metering.projects.plan_of(row.project_id), row.key_id,
-                      row.project_id, amount=spec.prices.per_image * n, counted=False,
+                      row.project_id, amount=worst, counted=False,
                       ttl_s=self.settings.queue_timeout_s + spec.scaling.request_timeout_s)
-            call.admit = lambda: self.metering.admit(ask, spec, per_image=spec.prices.per_image)
+            call.admit = lambda: self.metering.admit(ask, spec, per_image=unit)
         return call
 
     async def _generate(self, row: Job, spec: ModelSpec) -> None:
@@ -425,11 +484,12 @@ class JobService:
         try:
             async with self.gateway.handle(call, starting) as answer:
                 body = answer.body or {}
-                pngs = [base64.b64decode(b) for b in body.get("images") or []]
+                out = OUTPUTS[row.job_type]
+                pngs = [base64.b64decode(b) for b in body.get(out.field) or []]
                 if not pngs:
                     call.status = RequestState.failed
-                    raise JobFailed("worker_failed", "the worker returned no images")
-                await asyncio.to_thread(_write_files, self.results_dir / row.id, pngs)
+                    raise JobFailed("worker_failed", f"the worker returned no {out.field}")
+                await asyncio.to_thread(_write_files, self.results_dir / row.id, pngs, out.suffix)
                 # charged (the usage row committed) before the row says succeeded:
                 # a crash in between leaves a paid job that the next run finds
                 # paid and marks done (``_already_charged``), never an unpaid one
@@ -437,7 +497,8 @@ class JobService:
                 call.status = RequestState.succeeded
                 await self.gateway.settle_durably(call)
                 now = self.clock()
-                cost = spec.prices.per_image * len(pngs) if self.metering.enabled else 0
+                cost = _price(row.job_type, spec, payload)[0] * len(pngs) \
+                    if self.metering.enabled else 0
                 if not await self._move(row.id, JobState.running, status=JobState.succeeded.value,
                                         finished_at=now, images=len(pngs), cost=cost,
                                         expires_at=now + timedelta(seconds=self.settings.retention_s),
@@ -648,13 +709,13 @@ class JobService:
             log.exception("could not give back the leases of unfinished jobs")
 
 
-def _write_files(folder: Path, blobs: list[bytes]) -> None:
-    """Each blob as folder/<i>.png, written whole (temp file, then rename)."""
+def _write_files(folder: Path, blobs: list[bytes], suffix: str = "png") -> None:
+    """Each blob as folder/<i>.<suffix>, written whole (temp file, then rename)."""
     folder.mkdir(parents=True, exist_ok=True)
     for i, blob in enumerate(blobs):
-        tmp = folder / f".{i}.png.partial"
+        tmp = folder / f".{i}.{suffix}.partial"
         tmp.write_bytes(blob)
-        os.replace(tmp, folder / f"{i}.png")
+        os.replace(tmp, folder / f"{i}.{suffix}")
 
 
 def _read_files(folder: Path, count: int) -> list[bytes]:

@@ -174,10 +174,12 @@ class Metering:
             return await self.store.admit(ask)
 
     async def settle(self, ticket: Ticket, outcome: Outcome, key_id: str, *,
-                     durable: bool = False) -> asyncio.Future[None] | None:
+                     durable: bool = False, record: bool = True) -> asyncio.Future[None] | None:
         """Charge the actual cost (never above the hold) and queue the usage
         record.  ``durable``: returns a future resolved when the record is
-        committed (an answer waits for it before its end is sent)."""
+        committed (an answer waits for it before its end is sent).  ``record``
+        False: an attempt that is run again under the same request id (a
+        preempted batch line) leaves no usage row if it cost nothing."""
         usage = outcome.usage
         tokens_in = int(usage.get("prompt_tokens", 0))
         tokens_out = int(usage.get("completion_tokens", 0))
@@ -194,6 +196,8 @@ class Metering:
         except Exception as exc:  # the store gives the hold back when the debit is applied
             log.warning("request %s: could not settle with the admission store (%s)",
                         outcome.request_id, exc)
+        if not record and cost == 0:
+            return None
         return self.ledger.record({
             "request_id": outcome.request_id,
             "project_id": ask.project_id,

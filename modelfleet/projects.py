@@ -33,6 +33,8 @@ class PlanLimits:
     project_concurrency: int | None = None
     priority: int = 0
     weight: int = 1
+    # Percent off batch lines' prices (None: the model's, else the server's).
+    batch_discount_pct: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -79,6 +81,14 @@ def check_label(value: str, param: str, max_chars: int) -> None:
     if bad is not None:
         raise InvalidRequest(f"{param} must not contain control characters (found "
                              f"U+{ord(bad):04X})", param=param)
+
+
+def check_discount(value: object, param: str = "batch_discount_pct") -> None:
+    """A batch discount: a whole percent 0-100, or None (not set)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or not 0 <= value <= 100):
+        raise InvalidRequest(f"{param} must be a whole percent from 0 to 100, or null",
+                             param=param)
 
 
 def check_plan_name(name: str) -> None:
@@ -182,6 +192,7 @@ class ProjectService:
                 raise InvalidRequest(f"{name} must be a positive integer or null", param=name)
         if limits.weight < 1:
             raise InvalidRequest("weight must be at least 1", param="weight")
+        check_discount(limits.batch_discount_pct)
         async with self._db.session() as session, session.begin():
             row = await session.get(Plan, limits.name)
             if row is None:

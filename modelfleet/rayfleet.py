@@ -539,13 +539,7 @@ class RayRoom(Room):
 
     def _victims(self, pool: ModelPool, node: Node, need: dict[str, float],
                  free: dict[str, float]) -> list[Replica] | None:
-        victims = sorted(
-            (r for other in self.pools.values() if other is not pool
-             for r in other.replicas
-             if r.node_id == node.id and other.is_idle(r)
-             and other.live_replicas > other.spec.scaling.min_replicas),
-            key=lambda r: r.last_used,
-        )
+        victims = self.victims(pool, node.id)
         chosen: list[Replica] = []
         for victim in victims:
             if _fits(need, free):

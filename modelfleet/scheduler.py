@@ -3,7 +3,15 @@
 ``acquire`` returns a lease on one slot of one replica.  A request whose
 deadline passes while it waits is cancelled (504); one that finds its model
 unavailable is refused (503).  Every release hands freed slots to waiting
-requests in arrival order.
+requests in fair order (fairqueue.py).
+
+Background work (batch lines, priority class ``BACKGROUND``) takes only what
+interactive traffic leaves: it is served after every waiting interactive
+request, it leaves one slot of a replica with several free for the next
+interactive request (``BACKGROUND_KEEPS_FREE``), and a replica that runs only
+background work may be swapped out for a model whose interactive requests
+wait for room (``fleet.Room``): its background work is then preempted
+(``Replica.preempt``) and runs again later.
 """
 
 from __future__ import annotations
@@ -20,6 +28,12 @@ from modelfleet.fleet import Fleet, ModelPool
 from modelfleet.stats import RecentStats
 from modelfleet.supervisor import Replica
 
+# The priority class of background work (batch lines): below every plan's.
+BACKGROUND = -(2**31)
+# Slots of a replica that background work leaves free (of a replica with more
+# than this many), so an interactive request arriving finds one at once.
+BACKGROUND_KEEPS_FREE = 1
+
 
 @dataclass(frozen=True)
 class Claim:
@@ -33,6 +47,10 @@ class Claim:
     cap: int | None = None
     prefix: str | None = None
 
+    @property
+    def background(self) -> bool:
+        return self.priority <= BACKGROUND
+
 
 ANONYMOUS = Claim()
 
@@ -44,6 +62,7 @@ class Lease:
     acquired_at: float
     project: str = ""
     released: bool = field(default=False)
+    background: bool = False
 
     @property
     def wait_s(self) -> float:
@@ -75,6 +94,7 @@ class ModelQueue:
     def _wire(self, pool: ModelPool) -> None:
         pool.demand = self.demand
         pool.waiting = lambda: self.waiting
+        pool.interactive_waiting = lambda: self._waiters.waiting_above(BACKGROUND)
         pool.on_capacity = self.dispatch
         pool.on_unavailable = self.fail_waiters
 
@@ -83,7 +103,7 @@ class ModelQueue:
         waiting here go to it; the old pool (draining) no longer sees them.
         Leases on the old pool's replicas are released here as before."""
         old, self.pool = self.pool, pool
-        old.demand = old.waiting = lambda: 0
+        old.demand = old.waiting = old.interactive_waiting = lambda: 0
         old.on_capacity = lambda: None
         old.on_unavailable = lambda reason: None
         self._wire(pool)
@@ -111,14 +131,16 @@ class ModelQueue:
         return claim.cap is None or self.running(claim.project) < claim.cap
 
     def _route(self, claim: Claim) -> Replica | None:
-        """The least loaded replica with room; the one that served this
+        """The least loaded replica with room (for background work: room it
+        leaves for interactive requests); the one that served this
         conversation before if it is not more loaded than that."""
-        best = self.pool.free_replica()
+        keep = BACKGROUND_KEEPS_FREE if claim.background else 0
+        best = self.pool.free_replica(keep)
         if best is None or claim.prefix is None:
             return best
         preferred = self._affinity.get(claim.prefix)
         for replica in self.pool.replicas:
-            if replica.id == preferred and replica.has_room:
+            if replica.id == preferred and replica.room_for(keep):
                 if replica.outstanding <= best.outstanding:
                     return replica
                 break
@@ -126,6 +148,8 @@ class ModelQueue:
 
     def _grant(self, replica: Replica, claim: Claim) -> None:
         replica.outstanding += 1
+        if claim.background:
+            replica.background += 1
         if claim.project:
             self._running[claim.project] = self.running(claim.project) + 1
         if claim.prefix is not None:
@@ -144,7 +168,8 @@ class ModelQueue:
             replica = self._route(claim)
             if replica is not None:
                 self._grant(replica, claim)
-                return Lease(replica, enqueued, self.clock(), claim.project)
+                return Lease(replica, enqueued, self.clock(), claim.project,
+                             background=claim.background)
         self._caps[claim.project] = claim.cap
         waiter = _Waiter(claim, asyncio.get_running_loop().create_future())
         self._waiters.push(waiter, project=claim.project, weight=claim.weight,
@@ -164,20 +189,23 @@ class ModelQueue:
         except asyncio.CancelledError:
             self._abandon(waiter)
             raise
-        return Lease(replica, enqueued, self.clock(), claim.project)
+        return Lease(replica, enqueued, self.clock(), claim.project,
+                     background=claim.background)
 
     def _abandon(self, waiter: _Waiter) -> None:
         """A waiter gave up; give back a slot it was handed at the same moment."""
         fut = waiter.future
         if fut.done() and not fut.cancelled() and fut.exception() is None:
-            self._give_back(fut.result(), waiter.claim.project)
+            self._give_back(fut.result(), waiter.claim.project, waiter.claim.background)
             self.dispatch()
         else:
             fut.cancel()
         self._waiters.remove(waiter)
 
-    def _give_back(self, replica: Replica, project: str) -> None:
+    def _give_back(self, replica: Replica, project: str, background: bool) -> None:
         replica.outstanding -= 1
+        if background:
+            replica.background -= 1
         if project:
             left = self.running(project) - 1
             if left > 0:
@@ -190,7 +218,7 @@ class ModelQueue:
             return
         lease.released = True
         replica = lease.replica
-        self._give_back(replica, lease.project)
+        self._give_back(replica, lease.project, lease.background)
         replica.served += 1
         replica.last_active = self.clock()
         self.dispatch()
@@ -198,10 +226,13 @@ class ModelQueue:
             self.pool.room.retry_blocked()  # an idle replica may be swapped out now
 
     def dispatch(self) -> None:
-        """Hand free slots to waiting requests in fair order."""
+        """Hand free slots to waiting requests in fair order (background work
+        only where it leaves room for interactive requests)."""
         while self._waiters and self.pool.free_replica() is not None:
+            background_room = self.pool.free_replica(BACKGROUND_KEEPS_FREE) is not None
             waiter = self._waiters.pop(
-                lambda project: project == "" or self._under_cap_of(project))
+                lambda project: project == "" or self._under_cap_of(project),
+                above=None if background_room else BACKGROUND)
             if waiter is None:
                 break  # every waiting project is at its running cap
             if waiter.future.done():

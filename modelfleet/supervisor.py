@@ -238,6 +238,10 @@ class Replica:
         self.log_path = log_path
         self.state = ReplicaState.starting
         self.outstanding = 0
+        # Of those, background work (batch lines), and how to stop each of them
+        # if the replica is swapped out for interactive requests (by request id).
+        self.background = 0
+        self.preemptible: dict[str, Callable[[], None]] = {}
         self.served = 0
         self.clock = clock
         self.last_active = clock()
@@ -298,6 +302,25 @@ class Replica:
     @property
     def has_room(self) -> bool:
         return self.state is ReplicaState.ready and self.outstanding < self.share
+
+    def room_for(self, keep_free: int = 0) -> bool:
+        """A free slot, leaving ``keep_free`` (of a replica with more) for others."""
+        keep = keep_free if self.share > keep_free else 0
+        return self.state is ReplicaState.ready and self.outstanding < self.share - keep
+
+    @property
+    def background_only(self) -> bool:
+        """Ready, and all that runs on it (from this gateway) is background work."""
+        return (self.state is ReplicaState.ready and self.remote_outstanding == 0
+                and self.outstanding == self.background)
+
+    def preempt(self) -> int:
+        """Stop the background work on it (it runs again later); how many."""
+        stops = list(self.preemptible.values())
+        self.preemptible.clear()
+        for stop in stops:
+            stop()
+        return len(stops)
 
     @property
     def busy(self) -> bool:

@@ -97,6 +97,9 @@ class Plan(Base):
     project_concurrency: Mapped[int | None] = mapped_column(Integer, nullable=True)
     priority: Mapped[int] = mapped_column(Integer, default=0)
     weight: Mapped[int] = mapped_column(Integer, default=1)
+    # Percent off batch lines' prices for its projects (NULL: the model's or
+    # the server's batch discount).
+    batch_discount_pct: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class ProjectModel(Base):
@@ -331,6 +334,10 @@ class Batch(Base):
     total: Mapped[int] = mapped_column(Integer, default=0)
     completed: Mapped[int] = mapped_column(Integer, default=0)
     failed: Mapped[int] = mapped_column(Integer, default=0)
+    # Tokens of the answered lines, summed as they finish (OpenAI's Batch.usage).
+    input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cached_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     output_file_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     error_file_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -20,13 +20,18 @@ import orjson
 import pytest
 
 from modelfleet.api.app import create_app
-from modelfleet.batches import BATCH_PRIORITY, line_request_id
+from modelfleet.batches import BATCH_PRIORITY, Terms, line_request_id
+from modelfleet.catalog import Prices, load_catalog
 from modelfleet.fairqueue import FairQueue
 from modelfleet.ledger import cost_of
+from modelfleet.projects import PlanLimits
 from modelfleet.services import Services
 from modelfleet.settings import BatchSettings, Settings
+from tests import test_openai_schema
 from tests.conftest import Server, _cli, catalog_text, launch_server, stop_server
 from tests.test_money import new_project, sql, wait_usage
+
+validator = test_openai_schema.validator  # the fixture: bodies checked against the spec
 
 pytestmark = pytest.mark.workers
 PRICED = "test/priced"  # 1 micro-unit per input token, 10 per output token
@@ -81,26 +86,39 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         stop_server(running.proc)
 
 
-def test_batch_completes_at_the_discount(server: Server) -> None:
+def test_batch_completes_at_the_discount(server: Server, validator: Any) -> None:
     key = new_project(server, "batch-a", credit=10_000_000)
     api = client(server, key)
-    batch = submit(api, lines(40))
-    assert batch.status == "validating" and batch.request_counts.total == 40
+    count = 200
+    batch = submit(api, lines(count))
+    assert batch.status == "validating" and batch.request_counts.total == count
     assert batch.metadata == {"run": "test"}
     done = wait_for(api, batch.id, lambda b: b.status in TERMINAL)
     assert done.status == "completed", done
-    assert (done.request_counts.completed, done.request_counts.failed) == (40, 0)
+    assert (done.request_counts.completed, done.request_counts.failed) == (count, 0)
     assert done.in_progress_at and done.finalizing_at and done.completed_at
     assert done.error_file_id is None
+    raw = httpx.get(f"{server.url}/v1/batches/{batch.id}",
+                    headers={"Authorization": f"Bearer {key}"}).json()
+    validator("Batch", raw)
+    auth = {"Authorization": f"Bearer {key}"}
+    validator("OpenAIFile", httpx.get(f"{server.url}/v1/files/{done.output_file_id}",
+                                      headers=auth).json())
+    validator("ListFilesResponse", httpx.get(f"{server.url}/v1/files", headers=auth).json())
+    validator("ListBatchesResponse", httpx.get(f"{server.url}/v1/batches", headers=auth).json())
     results = outputs(api, done.output_file_id)
-    assert sorted(r["custom_id"] for r in results) == sorted(f"req-{i}" for i in range(40))
-    ids = [line_request_id(batch.id, i) for i in range(40)]
+    assert [r["custom_id"] for r in results] == [f"req-{i}" for i in range(count)]  # input order
+    ids = [line_request_id(batch.id, i) for i in range(count)]
     for r in results:
         assert r["error"] is None and r["response"]["status_code"] == 200
         assert r["response"]["body"]["object"] == "chat.completion"
         assert r["response"]["request_id"] == ids[int(r["custom_id"].split("-")[1])]
     usage = wait_usage(server, ids)
-    assert len(usage) == 40
+    assert len(usage) == count
+    assert done.usage is not None
+    assert done.usage.input_tokens == sum(u[1] for u in usage.values())
+    assert done.usage.output_tokens == 4 * count
+    assert done.usage.total_tokens == done.usage.input_tokens + done.usage.output_tokens
     for status, tokens_in, tokens_out, cost in usage.values():
         assert status == "succeeded" and tokens_out == 4
         assert cost == cost_of(tokens_in, tokens_out, DISCOUNTED)
@@ -279,7 +297,7 @@ async def test_lines_past_the_window_expire(
         await asyncio.sleep(0.05)
     assert batch["status"] == "expired" and batch["expired_at"], batch
     assert batch["request_counts"] == {"total": 3, "completed": 0, "failed": 3}
-    assert batch["output_file_id"] is None
+    assert "output_file_id" not in batch  # absent (the spec has it not nullable)
     content = await http.get(f"/v1/files/{batch['error_file_id']}/content", headers=auth)
     errors = [orjson.loads(line) for line in content.content.splitlines()]
     assert [e["custom_id"] for e in errors] == ["req-0", "req-1", "req-2"]
@@ -287,3 +305,28 @@ async def test_lines_past_the_window_expire(
     wrong = await http.post("/v1/files", headers=auth, data={"purpose": "fine-tune"},
                             files={"file": ("b.jsonl", lines(1))})
     assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "purpose"
+
+
+def test_a_plan_sets_its_batch_discount(server: Server) -> None:
+    _cli("plans", "set", "bulk", "--batch-discount-pct", "80", data_dir=server.data_dir)
+    key = new_project(server, "batch-bulk", credit=10_000_000, plan="bulk")
+    api = client(server, key)
+    batch = submit(api, lines(3))
+    done = wait_for(api, batch.id, lambda b: b.status in TERMINAL)
+    assert done.status == "completed", done
+    usage = wait_usage(server, [line_request_id(batch.id, i) for i in range(3)])
+    assert len(usage) == 3
+    for _status, tokens_in, tokens_out, cost in usage.values():
+        assert cost == cost_of(tokens_in, tokens_out, (200_000, 2_000_000))  # 80% off
+
+
+def test_the_plan_then_the_model_then_the_server_set_the_discount() -> None:
+    spec = next(iter(load_catalog()))
+    terms = Terms(BATCH_PRIORITY, discount_pct=50)
+    plain, bulk = PlanLimits(name="plain"), PlanLimits(name="bulk", batch_discount_pct=80)
+    assert terms.discount_for(spec, plain) == 50
+    cheap = spec.model_copy(update={"prices": Prices(batch_discount_pct=30)})
+    assert terms.discount_for(cheap, plain) == 30
+    assert terms.discount_for(cheap, bulk) == 80
+    free = PlanLimits(name="free", batch_discount_pct=0)
+    assert terms.discount_for(cheap, free) == 0  # 0 is a setting, not "unset"

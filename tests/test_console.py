@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import re
 import shutil
 from collections.abc import AsyncIterator, Iterator
@@ -468,8 +469,14 @@ def open_console(browser: Any, live: Live, key: str, zone: str = "Europe/Paris")
 
 
 def shot(page: Any, name: str) -> None:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / f"{name}.png"))
+    """A screenshot: taken on every run (the page renders), and written over
+    docs/console/ only with MODELFLEET_UPDATE_SCREENSHOTS=1, so a test run
+    leaves the checkout as it was."""
+    image = page.screenshot()
+    assert image[:8] == b"\x89PNG\r\n\x1a\n"
+    if os.environ.get("MODELFLEET_UPDATE_SCREENSHOTS") == "1":
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        (SHOTS / f"{name}.png").write_bytes(image)
 
 
 def test_browser_operator_makes_and_revokes_a_key(browser: Any, live: Live) -> None:

@@ -12,7 +12,8 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-HEAVY = ("torch", "transformers", "diffusers", "sentence_transformers", "ray")
+HEAVY = ("torch", "transformers", "diffusers", "sentence_transformers", "ray", "spacy",
+         "presidio_analyzer", "presidio_anonymizer")
 
 # Runs in a fresh interpreter: build and start the services on the built-in
 # catalog plus a model whose file is missing, answer requests through the app
@@ -93,9 +94,11 @@ def test_heavy_libraries_are_extras() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     core = {dep.split("[")[0].split(">")[0].split("=")[0].split("<")[0].strip().lower()
             for dep in project["dependencies"]}
-    for name in ("torch", "transformers", "diffusers", "sentence-transformers", "ray"):
+    for name in ("torch", "transformers", "diffusers", "sentence-transformers", "ray", "spacy",
+                 "presidio-analyzer", "presidio-anonymizer"):
         assert name not in core
     extras = project["optional-dependencies"]
     assert "torch==2.13.0" in extras["workers"]
     assert extras["ray"] == ["ray==2.60.0"]
-    assert "modelfleet[workers,postgres,redis,otel,ray]" in extras["test"]
+    assert "presidio-analyzer==2.2.366" in extras["tasks"]
+    assert "modelfleet[workers,tasks,postgres,redis,otel,ray]" in extras["test"]

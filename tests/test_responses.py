@@ -224,6 +224,8 @@ def test_function_tool_forced_then_its_output(client: openai.OpenAI, server: Ser
     jsonschema.validate(json.loads(calls[0].arguments), WEATHER)
     final = client.responses.create(
         model="smollm2", previous_response_id=first.id, tools=[TOOL], max_output_tokens=20,
+        # "auto" lets a small model call the tool again; "none" asks for the answer
+        tool_choice="none", temperature=0,
         input=[{"type": "function_call_output", "call_id": calls[0].call_id,
                 "output": '{"temperature_c": 21}'}])
     assert final.output[0].type == "message" and final.output_text

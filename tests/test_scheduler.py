@@ -11,7 +11,7 @@ from modelfleet.catalog import load_catalog
 from modelfleet.engines.http import WorkerClient
 from modelfleet.errors import DeadlineExceeded, ModelUnavailable
 from modelfleet.fleet import Fleet
-from modelfleet.scheduler import ModelQueue
+from modelfleet.scheduler import BACKGROUND, Claim, ModelQueue
 from modelfleet.settings import Settings
 from modelfleet.stats import RecentStats
 from modelfleet.supervisor import Replica, ReplicaState
@@ -115,6 +115,81 @@ async def test_cancelled_waiter_leaves_no_trace(queue: ModelQueue) -> None:
         await task
     queue.release(held)
     assert queue.waiting == 0 and queue.pool.replicas[0].outstanding == 0
+
+
+BATCH = Claim(project="batcher", priority=BACKGROUND)
+CHAT = Claim(project="chatter")
+
+
+async def test_background_work_leaves_a_slot_for_interactive_requests(queue: ModelQueue) -> None:
+    replica = fake_replica(queue, "a", 4)
+    deadline = queue.clock() + 10
+    lines = [await queue.acquire(deadline, claim=BATCH) for _ in range(3)]
+    assert replica.background == 3 and all(lease.background for lease in lines)
+    fourth = asyncio.create_task(queue.acquire(deadline, claim=BATCH))
+    await asyncio.sleep(0)
+    assert queue.waiting == 1  # the last slot is kept free
+    chat = await queue.acquire(deadline, claim=CHAT)  # taken at once, past the waiting line
+    assert chat.replica is replica and not chat.background and queue.waiting == 1
+    queue.release(lines[0])
+    await asyncio.sleep(0)
+    assert not fourth.done()  # 2 lines + 1 chat: a line would take the last slot
+    queue.release(chat)
+    line = await fourth
+    assert line.background and replica.background == 3 and replica.outstanding == 3
+    for lease in (*lines[1:], line):
+        queue.release(lease)
+    assert replica.background == replica.outstanding == 0
+
+
+async def test_a_waiting_interactive_request_goes_before_waiting_lines(queue: ModelQueue) -> None:
+    replica = fake_replica(queue, "a", 2)
+    deadline = queue.clock() + 10
+    held = [await queue.acquire(deadline, claim=CHAT) for _ in range(2)]
+    order: list[str] = []
+
+    async def take(name: str, claim: Claim) -> None:
+        lease = await queue.acquire(deadline, claim=claim)
+        order.append(name)
+        queue.release(lease)
+
+    tasks = [asyncio.create_task(take("line", BATCH)),
+             asyncio.create_task(take("chat", CHAT))]
+    await asyncio.sleep(0)
+    queue.release(held[0])
+    queue.release(held[1])
+    await asyncio.gather(*tasks)
+    assert order == ["chat", "line"] and replica.outstanding == 0
+
+
+async def test_a_replica_running_only_lines_yields_to_interactive_requests(
+        tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path)
+    fleet = Fleet(load_catalog(), settings, WorkerClient())
+    chat_pool = fleet.pools["HuggingFaceTB/SmolLM2-135M-Instruct"]
+    other = next(p for p in fleet.pools.values() if p is not chat_pool)
+    queue = ModelQueue(chat_pool, RecentStats())
+    replica = fake_replica(queue, "a", 4)
+    chat_pool.desired = 1
+    stopped: list[str] = []
+    replica.background = replica.outstanding = 2
+    replica.preemptible = {"l1": lambda: stopped.append("l1"),
+                           "l2": lambda: stopped.append("l2")}
+    other.interactive_waiting = lambda: 0
+    assert not chat_pool.yields_to(replica, other)  # nobody interactive waits for room
+    other.interactive_waiting = lambda: 1
+    assert chat_pool.yields_to(replica, other)
+    assert fleet.room is not None and fleet.room.victims(other) == [replica]
+    replica.outstanding = 3  # an interactive request runs on it too: kept
+    assert not chat_pool.yields_to(replica, other)
+    replica.outstanding = 2
+    chat_pool.interactive_waiting = lambda: 1  # its own interactive requests wait: kept
+    assert not chat_pool.yields_to(replica, other)
+    chat_pool.interactive_waiting = lambda: 0
+    chat_pool.evict(replica, f"swapped out for {other.spec.id}")
+    assert sorted(stopped) == ["l1", "l2"] and replica not in chat_pool.replicas
+    assert "preempting 2 background requests" in chat_pool.events[-1].reason
+    await fleet.close()
 
 
 def test_stats_window_drops_old_samples() -> None:

@@ -78,6 +78,7 @@ class PlanBody(Strict):
     project_concurrency: int | None = None
     priority: int = 0
     weight: int = 1
+    batch_discount_pct: int | None = None
 
 
 class PriceBody(Strict):

@@ -21,6 +21,7 @@ from modelfleet.api import (
     inference,
     metrics_route,
     openapi_doc,
+    videos,
 )
 from modelfleet.api.http import REQUEST_ID, RequestIdMiddleware
 from modelfleet.errors import ModelfleetError
@@ -80,6 +81,7 @@ def create_app(settings: Settings, services: Services | None = None) -> ASGIApp:
     app.include_router(inference.router(services, handlers))
     app.include_router(images.router(services))
     app.include_router(images.jobs_router(services))
+    app.include_router(videos.router(services))  # video jobs (docs/videos.md)
     app.include_router(batches.router(services))  # files and batches (docs/batches.md)
     app.include_router(catalog_routes.router(services))
     app.include_router(catalog_routes.fleet_router(services))

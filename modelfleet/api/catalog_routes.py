@@ -9,10 +9,10 @@ from fastapi import APIRouter, Request
 
 from modelfleet.api import openapi_doc
 from modelfleet.api.auth import require
-from modelfleet.catalog import ModelKind, ModelSpec
+from modelfleet.catalog import ModelKind, ModelSpec, VideoDefaults
 from modelfleet.errors import ModelNotFound
 from modelfleet.keys import Principal, Scope
-from modelfleet.openai import rerank, tokenize
+from modelfleet.openai import rerank, taskchat, tokenize
 from modelfleet.services import Services
 
 ENDPOINTS = {
@@ -20,10 +20,13 @@ ENDPOINTS = {
     ModelKind.completion: ["/v1/completions"],
     ModelKind.embedding: ["/v1/embeddings"],
     ModelKind.image: ["/v1/inference/image", "/v1/images/generations"],
+    ModelKind.task: ["/v1/chat/completions"],
+    ModelKind.video: ["/v1/inference/video", "/v1/videos"],
 }
 # The catalog's groups: "text" holds chat and completion models.
 GROUP = {ModelKind.chat: "text", ModelKind.completion: "text",
-         ModelKind.embedding: "embedding", ModelKind.image: "image"}
+         ModelKind.embedding: "embedding", ModelKind.image: "image", ModelKind.task: "task",
+         ModelKind.video: "video"}
 
 
 def _image_parameters(spec: ModelSpec) -> dict[str, Any]:
@@ -39,9 +42,28 @@ def _image_parameters(spec: ModelSpec) -> dict[str, Any]:
     }
 
 
+def _video_parameters(spec: ModelSpec) -> dict[str, Any]:
+    lim, dft = spec.limits, spec.parameter_defaults
+    assert isinstance(dft, VideoDefaults)
+    return {
+        "max_prompt_length": lim.max_prompt_chars,
+        "sizes": list(lim.sizes),
+        "steps": {"default": dft.steps, "min": lim.min_steps, "max": lim.max_steps},
+        "frames": {"default": dft.frames, "min": lim.min_frames, "max": lim.max_frames,
+                   "step": lim.frame_step},
+        "fps": {"default": dft.fps, "min": lim.min_fps, "max": lim.max_fps},
+        "max_seconds": lim.max_seconds,
+        "parameter_defaults": dft.model_dump(exclude={"strength"}),
+    }
+
+
 def _parameters(spec: ModelSpec) -> dict[str, Any]:
     if spec.kind is ModelKind.image:
         return _image_parameters(spec)
+    if spec.kind is ModelKind.video:
+        return _video_parameters(spec)
+    if spec.kind is ModelKind.task:
+        return taskchat.parameters(spec)
     lim, dft = spec.limits, spec.defaults
     if spec.kind is ModelKind.embedding:
         return {"max_inputs": lim.max_inputs, "max_input_tokens": lim.max_input_tokens,
@@ -107,6 +129,9 @@ class CatalogView:
     def pricing(self, spec: ModelSpec) -> dict[str, Any]:
         if spec.kind is ModelKind.image:
             return {"unit": "micro-units per image", "per_image": spec.prices.per_image}
+        if spec.kind is ModelKind.video:
+            return {"unit": "micro-units per second of video",
+                    "per_video_second": spec.prices.per_video_second}
         return {
             "unit": "micro-units per million tokens",
             "input_per_million_tokens": spec.prices.input_per_million,
@@ -158,7 +183,8 @@ def router(services: Services) -> APIRouter:
     @api.get("/v1/inference/runtime/models", tags=["catalog"])
     async def runtime_models() -> dict[str, Any]:
         """Per group: whether each model can serve, and its ready/desired replicas."""
-        out: dict[str, list[dict[str, Any]]] = {"text": [], "embedding": [], "image": []}
+        out: dict[str, list[dict[str, Any]]] = {"text": [], "embedding": [], "image": [],
+                                                "task": [], "video": []}
         for spec in catalog:
             row = {"model": spec.id, "kind": spec.kind.value, **view.runtime(spec)}
             if spec.kind is ModelKind.image:

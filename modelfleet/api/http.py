@@ -33,10 +33,12 @@ def check_json_content_type(request: Request) -> None:
             code="unsupported_content_type")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body of a JSON request, after its content type was checked (400)
-    and while its size stays within ``limit`` (413)."""
-    check_json_content_type(request)
+async def read_body(request: Request, limit: int, *, json: bool = True) -> bytes:
+    """The body of a JSON request, after its content type was checked (400;
+    ``json`` False: the caller checked it) and while its size stays within
+    ``limit`` (413)."""
+    if json:
+        check_json_content_type(request)
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestTooLarge(f"request body is larger than {limit} bytes")

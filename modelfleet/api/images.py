@@ -37,10 +37,11 @@ from modelfleet.jobs import TERMINAL, job_view
 from modelfleet.keys import Principal, Scope
 from modelfleet.openai.common import parse_body
 from modelfleet.openai.images import ImageJob, ImageJobRequest, OpenAIImageRequest, native_job, openai_job
+from modelfleet.openai.videos import OpenAIVideoRequest, VideoJob, VideoJobRequest
 from modelfleet.services import Services
 from modelfleet.tables import Job
 
-B = TypeVar("B", ImageJobRequest, OpenAIImageRequest)
+B = TypeVar("B", ImageJobRequest, OpenAIImageRequest, VideoJobRequest, OpenAIVideoRequest)
 
 # A job's error code → the status the OpenAI endpoint answers with.
 _FAILURE_STATUS: dict[str, type[ModelfleetError]] = {
@@ -58,33 +59,38 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
                     headers=headers)
 
 
+async def accept_job(services: Services, request: Request, schema: type[B],
+                     build: Callable[[ModelSpec, B], ImageJob | VideoJob],
+                     raw: bytes | None = None) -> tuple[Principal, Job, B, dict[str, str]]:
+    """Authenticate, parse, check against the model, then submit the job (an
+    image or a video job; ``raw``: the body, when the caller has read it)."""
+    principal = await require(services, request, Scope.inference)
+    if raw is None:
+        raw = await read_body(request, services.settings.http.max_body_bytes)
+    body = parse_body(schema, raw)
+    name = body.model
+    spec = services.gateway.resolve(name)
+    services.metering.check_model(principal, spec, name)
+    job = build(spec, body)
+    available, reason = services.fleet.pools[spec.id].availability()
+    if not available:
+        raise ModelUnavailable(f"model {spec.id!r} is not serving: {reason}")
+    row, headers = await services.jobs.submit(principal, spec, job, str(request.base_url))
+    return principal, row, body, {**headers, "X-Model-Used": spec.id, "X-Route-Model": name,
+                                  "X-Backend": spec.backend}
+
+
+def accepted(row: Job, base_url: str, headers: dict[str, str]) -> Response:
+    """The native API's 202 for a job just submitted."""
+    view = job_view(row, base_url)
+    return _json({"job_id": row.id, "job_type": row.job_type, "result_url": view["result_url"],
+                  "status": row.status, "status_url": view["url"]},
+                 202, {**headers, "Location": view["url"]})
+
+
 def router(services: Services) -> APIRouter:
     api = APIRouter()
     jobs = services.jobs
-    limit = services.settings.http.max_body_bytes
-
-    def model_for(principal: Principal, name: str) -> ModelSpec:
-        spec = services.gateway.resolve(name)
-        services.metering.check_model(principal, spec, name)
-        return spec
-
-    def check_serving(spec: ModelSpec) -> None:
-        available, reason = services.fleet.pools[spec.id].availability()
-        if not available:
-            raise ModelUnavailable(f"model {spec.id!r} is not serving: {reason}")
-
-    async def accept(request: Request, schema: type[B],
-                     build: Callable[[ModelSpec, B], ImageJob]) -> tuple[Principal, Job, B, dict[str, str]]:
-        """Authenticate, parse, check against the model, then submit the job."""
-        principal = await require(services, request, Scope.inference)
-        body = parse_body(schema, await read_body(request, limit))
-        name = body.model
-        spec = model_for(principal, name)
-        job = build(spec, body)
-        check_serving(spec)
-        row, headers = await jobs.submit(principal, spec, job, str(request.base_url))
-        return principal, row, body, {**headers, "X-Model-Used": spec.id, "X-Route-Model": name,
-                                      "X-Backend": spec.backend}
 
     @api.post("/v1/inference/image", tags=["images"], status_code=202,
               openapi_extra=_openapi_body(ImageJobRequest),
@@ -92,11 +98,8 @@ def router(services: Services) -> APIRouter:
                                            rate_limited=True, billed=True))
     async def submit_image(request: Request) -> Response:
         """Enqueue an image job; answers at once with its id and result URL."""
-        _, row, _, headers = await accept(request, ImageJobRequest, native_job)
-        view = job_view(row, str(request.base_url))
-        return _json({"job_id": row.id, "job_type": row.job_type, "result_url": view["result_url"],
-                      "status": row.status, "status_url": view["url"]},
-                     202, {**headers, "Location": view["url"]})
+        _, row, _, headers = await accept_job(services, request, ImageJobRequest, native_job)
+        return accepted(row, str(request.base_url), headers)
 
     @api.post("/v1/images/generations", tags=["images"],
               openapi_extra=_openapi_body(OpenAIImageRequest),
@@ -104,7 +107,7 @@ def router(services: Services) -> APIRouter:
                                            scope="inference", rate_limited=True, billed=True))
     async def generations(request: Request) -> Response:
         """OpenAI's image generation: runs one job and waits for it."""
-        principal, row, body, headers = await accept(request, OpenAIImageRequest, openai_job)
+        principal, row, body, headers = await accept_job(services, request, OpenAIImageRequest, openai_job)
         spec = services.gateway.resolve(row.model_id)
         headers["X-Job-Id"] = row.id
         # Like a chat request: the model's request timeout covers waiting and running.
@@ -149,8 +152,8 @@ def jobs_router(services: Services) -> APIRouter:
 
     async def result(job_id: str, index: int, request: Request) -> Response:
         principal = await require(services, request, None)
-        png = await jobs.read_result(principal, job_id, index)
-        return Response(png, media_type="image/png",
+        data, media_type = await jobs.read_media(principal, job_id, index)
+        return Response(data, media_type=media_type,
                         headers={"Cache-Control": "private, max-age=3600"})
 
     @api.get("/v1/inference/jobs/{job_id}/result", tags=["images"], response_class=Response,

@@ -34,7 +34,7 @@ from modelfleet.gateway import Call, Starting
 from modelfleet.keys import Principal
 from modelfleet.keys import Scope as KeyScope
 from modelfleet.observe import key_prefix, rejected_record
-from modelfleet.openai import chat, completions, embeddings, rerank, tokenize
+from modelfleet.openai import chat, completions, embeddings, rerank, taskchat, tokenize
 from modelfleet.openai.common import parse_body
 from modelfleet.openai.responses import RESPONSES_PATH, ResponsesRequest
 from modelfleet.responsestore import ResponseStore
@@ -219,7 +219,8 @@ Route = tuple[type[Any], Callable[[ModelSpec, Any], int],
               Callable[[ModelSpec, Any, int], dict[str, Any]]]
 # Each endpoint's request model, its validation (returns max_tokens) and its worker body.
 ROUTES: dict[str, Route] = {
-    CHAT_PATH: (chat.ChatRequest, chat.validate_chat, chat.worker_body),
+    # chat models, and task models behind the chat body (openai/taskchat.py)
+    CHAT_PATH: (chat.ChatRequest, taskchat.validate, taskchat.worker_body),
     "/v1/completions": (completions.CompletionRequest, completions.validate_completion,
                         completions.worker_body),
     "/v1/embeddings": (embeddings.EmbeddingRequest, embeddings.validate_embedding,
@@ -328,8 +329,10 @@ class RequestPath:
             call.claim = replace(call.claim, priority=terms.priority)
             call.queue_timeout_s = terms.queue_timeout_s
         if metering.enabled and (terms is None or terms.metered):
+            discount = 0 if terms is None else terms.discount_for(
+                spec, metering.projects.plan_of(principal.project_id))
             ask, prices = metering.ask(call.request_id, principal, spec, payload, max_tokens,
-                                       discount_pct=terms.discount_pct if terms else 0)
+                                       discount_pct=discount)
             if terms is not None and terms.queue_timeout_s is not None:
                 # its concurrency slot is held while it waits, too
                 ask = replace(ask, ttl_s=ask.ttl_s + terms.queue_timeout_s)

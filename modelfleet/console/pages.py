@@ -384,10 +384,11 @@ class Pages:
     async def job_image(self, request: Request) -> Response:
         ctx = await self.web.ctx(request)
         project = self.project_for(ctx, request.query_params.get("project"))
-        png = await self.services.jobs.read_result(self.acting_for(ctx.principal, project),
-                                                   request.path_params["job_id"],
-                                                   int(request.path_params["index"]))
-        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+        data, media_type = await self.services.jobs.read_media(
+            self.acting_for(ctx.principal, project), request.path_params["job_id"],
+            int(request.path_params["index"]))  # a PNG, or a video job's MP4
+        return Response(data, media_type=media_type,
+                        headers={"Cache-Control": "private, max-age=3600"})
 
     async def cancel_job(self, request: Request) -> Response:
         ctx = await self.web.ctx(request)
@@ -458,7 +459,9 @@ class Pages:
                                      param=name)
         plan = PlanLimits(name=fields.get("name", "").strip(), **limits,
                           priority=_int_or_none(fields.get("priority"), "priority") or 0,
-                          weight=max(1, _int_or_none(fields.get("weight"), "weight") or 1))
+                          weight=max(1, _int_or_none(fields.get("weight"), "weight") or 1),
+                          batch_discount_pct=_int_or_none(fields.get("batch_discount_pct"),
+                                                          "batch_discount_pct"))
         await self.services.projects.set_plan(plan)
         await self.services.watcher.check()
         return self.web.redirect(ctx, "/operators", f"saved plan {plan.name}")
@@ -469,6 +472,8 @@ LIMITS_BY_KIND = {
     "completion": ("max_output_tokens", "context_length", "max_prompt_chars"),
     "embedding": ("max_inputs", "max_input_tokens"),
     "image": ("min_input_images", "max_input_images", "max_prompt_chars"),
+    "task": ("max_prompt_chars",),
+    "video": ("max_prompt_chars", "max_frames", "max_fps", "max_seconds"),
 }
 
 
@@ -477,7 +482,7 @@ def _limits(spec: Any) -> dict[str, Any]:
     lim = spec.limits
     out: dict[str, Any] = {name: getattr(lim, name) for name in LIMITS_BY_KIND[spec.kind.value]
                            if getattr(lim, name, None) is not None}
-    if spec.kind.value == "image" and getattr(lim, "sizes", None):
+    if spec.kind.value in ("image", "video") and getattr(lim, "sizes", None):
         out["sizes"] = ", ".join(str(s) for s in lim.sizes)
     return out
 

@@ -118,7 +118,7 @@ def engine_for(
 ) -> Engine:
     from modelfleet.engines.external import ExternalServer
     from modelfleet.engines.llamacpp import LlamaCppEngine
-    from modelfleet.engines.own import DiffusersEngine, SentenceTransformersEngine
+    from modelfleet.engines.own import DiffusersEngine, SentenceTransformersEngine, TaskEngine
     from modelfleet.engines.servers import ManagedServer
 
     if spec.engine.type == "llama.cpp":
@@ -131,4 +131,6 @@ def engine_for(
         return SentenceTransformersEngine(spec, models_dir)
     if spec.engine.type == "diffusers":
         return DiffusersEngine(spec, models_dir)
+    if spec.engine.type == "modelfleet-task":
+        return TaskEngine(spec, models_dir)
     raise ValueError(f"unknown engine {spec.engine.type!r}")  # pragma: no cover

@@ -1,5 +1,6 @@
-"""modelfleet's own workers: embeddings (sentence-transformers) and images
-(diffusers), each a Python process per replica speaking OpenAI-style HTTP.
+"""modelfleet's own workers: embeddings (sentence-transformers), images and
+videos (diffusers), task models (classification, NER, PII), each a Python
+process per replica speaking OpenAI-style HTTP.
 
 The API process never imports torch: the worker does, so a model's memory
 and threads belong to its replica, and a crash takes down only the replica.
@@ -14,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from modelfleet.catalog import DiffusersEngine as DiffusersSpec
-from modelfleet.catalog import ModelSpec
+from modelfleet.catalog import ModelKind, ModelSpec
 from modelfleet.catalog import SentenceTransformersEngine as SentenceTransformersSpec
+from modelfleet.catalog import TaskEngine as TaskSpec
 from modelfleet.engines import modelfiles
 from modelfleet.engines.base import Engine, LaunchPlan, ModelFileMissing, Resources
 
@@ -78,12 +80,14 @@ class SentenceTransformersEngine(_OwnWorker):
 
 class DiffusersEngine(_OwnWorker):
     backend = "diffusers"
-    module = "modelfleet.workers.images"
     marker = "model_index.json"
 
     def __init__(self, spec: ModelSpec, models_dir: Path) -> None:
         super().__init__(spec, models_dir)
         assert isinstance(spec.engine, DiffusersSpec)
+        # the same pipeline folder, served by the image or the video worker
+        self.module = "modelfleet.workers.videos" if spec.kind is ModelKind.video \
+            else "modelfleet.workers.images"
 
     def check(self) -> None:
         _require_module("diffusers", "diffusers")
@@ -97,3 +101,41 @@ class DiffusersEngine(_OwnWorker):
     def launch(self, port: int) -> LaunchPlan:
         return LaunchPlan(argv=self.base_argv(port), env=_worker_env(self.conf.threads),
                           health_path="/health")
+
+
+class TaskEngine(_OwnWorker):
+    """Task models (classification, NER, PII) behind the chat body: the worker
+    answers ``/v1/chat/completions`` with the task's JSON (docs/tasks.md)."""
+
+    backend = "modelfleet-task"
+    module = "modelfleet.workers.tasks"
+    marker = "modules.json"
+    # What each task imports, as (module, PyPI distribution).
+    NEEDS = {"classification": [("sentence_transformers", "sentence-transformers")],
+             "ner": [("spacy", "spacy")],
+             "pii": [("spacy", "spacy"), ("presidio_analyzer", "presidio-analyzer"),
+                     ("presidio_anonymizer", "presidio-anonymizer")]}
+
+    def __init__(self, spec: ModelSpec, models_dir: Path) -> None:
+        super().__init__(spec, models_dir)
+        assert isinstance(spec.engine, TaskSpec)
+
+    def check(self) -> None:
+        for module, pypi in self.NEEDS[self.conf.task]:
+            _require_module(module, pypi)
+        if self.conf.spacy_model:
+            _require_module(self.conf.spacy_model, self.conf.pypi_package or self.conf.spacy_model)
+        else:
+            self.model_dir()
+
+    def launch(self, port: int) -> LaunchPlan:
+        model = ["--spacy-model", self.conf.spacy_model] if self.conf.spacy_model \
+            else ["--model-dir", str(self.model_dir())]
+        argv = [sys.executable, "-m", self.module, "--task", self.conf.task, *model,
+                "--host", "127.0.0.1", "--port", str(port), "--model-name", self.spec.id,
+                "--threads", str(self.conf.threads), "--parent-pid", str(os.getpid())]
+        argv += [f"--label={label}" for label in self.conf.labels]
+        return LaunchPlan(argv=argv, env=_worker_env(self.conf.threads), health_path="/health")
+
+    def adapt(self, payload: dict[str, Any], metadata: dict[str, Any] | None) -> dict[str, Any]:
+        return payload  # the task's parameters are in the payload already, checked

@@ -105,6 +105,8 @@ ENDPOINT_OF_KIND = {
     ModelKind.completion: "/v1/completions",
     ModelKind.embedding: "/v1/embeddings",
     ModelKind.image: "/v1/images/generations or /v1/inference/image",
+    ModelKind.task: "/v1/chat/completions, with the task's parameters in metadata",
+    ModelKind.video: "/v1/videos or /v1/inference/video",
 }
 
 

@@ -72,10 +72,7 @@ class ImageJob:
     params: dict[str, Any]
     inputs: list[bytes]
     webhook_url: str | None = None
-
-    @property
-    def images(self) -> int:
-        return int(self.params["n"])
+    job_type: str = "image"
 
 
 def _parse_size(size: str) -> tuple[int, int]:
@@ -121,6 +118,20 @@ def decode_image(data: str, index: int) -> bytes:
     return out.getvalue()
 
 
+def check_prompts(spec: ModelSpec, prompt: str, negative_prompt: str | None) -> None:
+    """A prompt is not blank; it and the negative prompt are within the model's
+    max_prompt_chars (image and video models)."""
+    limit = spec.limits.max_prompt_chars
+    if not prompt.strip():
+        raise InvalidRequest("prompt must not be empty", param="prompt")
+    if len(prompt) > limit:
+        raise InvalidRequest(f"prompt is {len(prompt)} characters; model {spec.id!r} takes at "
+                             f"most {limit}", param="prompt", code="prompt_too_long")
+    if negative_prompt is not None and len(negative_prompt) > limit:
+        raise InvalidRequest(f"negative_prompt is longer than {limit} characters",
+                             param="negative_prompt", code="prompt_too_long")
+
+
 def build_job(spec: ModelSpec, *, prompt: str, negative_prompt: str | None, width: int | None,
               height: int | None, steps: int | None, guidance: float | None, seed: int | None,
               strength: float | None, n: int | None, images: list[str] | None,
@@ -128,15 +139,7 @@ def build_job(spec: ModelSpec, *, prompt: str, negative_prompt: str | None, widt
     """Merge over the model's defaults, then check every limit (400, naming the field)."""
     require_kind(spec, (ModelKind.image,), "this endpoint")
     lim, dft = spec.limits, spec.parameter_defaults
-    if not prompt.strip():
-        raise InvalidRequest("prompt must not be empty", param="prompt")
-    if len(prompt) > lim.max_prompt_chars:
-        raise InvalidRequest(
-            f"prompt is {len(prompt)} characters; model {spec.id!r} takes at most "
-            f"{lim.max_prompt_chars}", param="prompt", code="prompt_too_long")
-    if negative_prompt is not None and len(negative_prompt) > lim.max_prompt_chars:
-        raise InvalidRequest(f"negative_prompt is longer than {lim.max_prompt_chars} characters",
-                             param="negative_prompt", code="prompt_too_long")
+    check_prompts(spec, prompt, negative_prompt)
     w, h = width or dft.width, height or dft.height
     if f"{w}x{h}" not in lim.sizes:
         raise InvalidRequest(

@@ -8,11 +8,13 @@ orphans holding memory and cores.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
 import os
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -115,3 +117,32 @@ async def run_app(app: web.Application, host: str, port: int, parent_pid: int | 
         await runner.cleanup()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+
+def serving_args(parser: argparse.ArgumentParser, model_name: str) -> None:
+    """The options every worker takes: where it listens, the model id it
+    answers with (``model_name`` says the default), its threads, its parent."""
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--model-name", help=f"the model id to report (default: {model_name})")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--parent-pid", type=int, help="exit when this process is gone")
+
+
+def json_app(max_body: int, gets: dict[str, Handler], posts: dict[str, Handler]) -> web.Application:
+    """A worker's aiohttp app: its routes, with errors in the OpenAI shape."""
+    app = web.Application(client_max_size=max_body, middlewares=[error_middleware])
+    for path, handler in gets.items():
+        app.router.add_get(path, handler)
+    for path, handler in posts.items():
+        app.router.add_post(path, handler)
+    return app
+
+
+def exit_now() -> None:
+    """Leave once everything is closed, skipping the interpreter's own teardown
+    of torch and transformers (a second or two, during which a restart waits)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -35,7 +35,14 @@ import numpy.typing as npt
 import orjson
 from aiohttp import web
 
-from modelfleet.workers.common import error_middleware, error_response, json_response, run_app
+from modelfleet.workers.common import (
+    error_response,
+    exit_now,
+    json_app,
+    json_response,
+    run_app,
+    serving_args,
+)
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -355,11 +362,9 @@ class EmbeddingWorker:
                               "batches": stats.batches, "max_batch_seen": stats.max_batch_seen})
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY, middlewares=[error_middleware])
-        app.router.add_get("/health", self.health)
-        app.router.add_get("/v1/models", self.models)
-        app.router.add_post("/v1/embeddings", self.embeddings)
-        app.router.add_get("/stats", self.stats_view)
+        app = json_app(MAX_BODY, {"/health": self.health, "/v1/models": self.models,
+                                  "/stats": self.stats_view},
+                       {"/v1/embeddings": self.embeddings})
 
         async def batcher_life(app: web.Application) -> Any:
             self.batcher.start()
@@ -393,14 +398,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m modelfleet.workers.embeddings",
                                      description="modelfleet's embedding worker")
     parser.add_argument("--model-dir", type=Path, required=True)
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--model-name", help="the id to answer with (default: the folder's name)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    serving_args(parser, "the folder's name")
     parser.add_argument("--max-batch", type=int, default=64, help="most inputs in one forward pass")
     parser.add_argument("--max-input-tokens", type=int,
                         help="longest input, in tokens (default: the model's max_seq_length)")
-    parser.add_argument("--parent-pid", type=int, help="exit when this process is gone")
     args = parser.parse_args(argv)
     if not args.model_dir.is_dir():
         parser.error(f"--model-dir {args.model_dir} is not a folder")
@@ -428,9 +429,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-    # Everything is closed by now; the interpreter's own teardown of torch and
-    # transformers would take another second or two, during which a restart waits.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_now()

@@ -29,6 +29,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,13 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from modelfleet.workers.common import error_middleware, error_response, json_response, run_app
+from modelfleet.workers.common import (
+    error_middleware,
+    error_response,
+    json_response,
+    run_app,
+    serving_args,
+)
 
 log = logging.getLogger("modelfleet.workers.images")
 
@@ -160,13 +167,19 @@ def decode_image(text: Any, width: int, height: int) -> Any:
     return rgb
 
 
-def parse_request(body: Any) -> ImageRequest:
-    """Check a request body completely; raises BadRequest naming the field."""
+def known_fields(body: Any, fields: frozenset[str]) -> dict[str, Any]:
+    """The body, a JSON object of only ``fields`` (else BadRequest)."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     for name in body:
-        if name not in FIELDS:
+        if name not in fields:
             raise BadRequest(f"unknown field {name!r}", name)
+    return body
+
+
+def parse_request(body: Any) -> ImageRequest:
+    """Check a request body completely; raises BadRequest naming the field."""
+    body = known_fields(body, FIELDS)
     prompt, negative = _prompts(body)
     width, height = _side(body, "width"), _side(body, "height")
     steps = _int(body, "steps", 1, MAX_STEPS)
@@ -267,7 +280,22 @@ class ImagePipeline:
 # ── HTTP ──────────────────────────────────────────────────────────────────
 
 
-def create_app(pipeline: ImagePipeline, model_name: str) -> web.Application:
+async def read_json(request: web.Request) -> tuple[Any, web.Response | None]:
+    """The request's JSON body, or the error response to send instead."""
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return None, error_response(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
+    try:
+        return orjson.loads(raw), None
+    except orjson.JSONDecodeError as exc:
+        return None, error_response(400, f"the request body is not valid JSON: {exc}")
+
+
+def worker_app(pipeline: ImagePipeline, model_name: str, path: str,
+               generate: Callable[[web.Request], Awaitable[web.Response]]) -> web.Application:
+    """A worker's app: /health, /v1/models and ``generate`` at ``path`` (the
+    image worker's, and the video worker's)."""
     created = int(time.time())
 
     async def health(_: web.Request) -> web.Response:
@@ -277,15 +305,22 @@ def create_app(pipeline: ImagePipeline, model_name: str) -> web.Application:
         return json_response({"object": "list", "data": [
             {"id": model_name, "object": "model", "created": created, "owned_by": "modelfleet"}]})
 
+    async def stop(_: web.Application) -> None:
+        pipeline.executor.shutdown(wait=False, cancel_futures=True)
+
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[error_middleware])
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/models", models)
+    app.router.add_post(path, generate)
+    app.on_cleanup.append(stop)
+    return app
+
+
+def create_app(pipeline: ImagePipeline, model_name: str) -> web.Application:
     async def generate(request: web.Request) -> web.Response:
-        try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            return error_response(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            return error_response(400, f"the request body is not valid JSON: {exc}")
+        body, failed = await read_json(request)
+        if failed is not None:
+            return failed
         loop = asyncio.get_running_loop()
         try:
             # Decoding an input image is CPU work: off the event loop, not in the pipeline's thread.
@@ -304,30 +339,23 @@ def create_app(pipeline: ImagePipeline, model_name: str) -> web.Application:
         return json_response({"model": model_name, "seed": req.seed, "images": images, "width": req.width,
                               "height": req.height, "timings": {"run_ms": run_ms}})
 
-    async def stop(_: web.Application) -> None:
-        pipeline.executor.shutdown(wait=False, cancel_futures=True)
-
-    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[error_middleware])
-    app.router.add_get("/health", health)
-    app.router.add_get("/v1/models", models)
-    app.router.add_post("/v1/images/generate", generate)
-    app.on_cleanup.append(stop)
-    return app
+    return worker_app(pipeline, model_name, "/v1/images/generate", generate)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m modelfleet.workers.images", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """A diffusers worker's options (the image and the video worker's), parsed;
+    logging set up."""
     parser.add_argument("--model-dir", type=Path, required=True, help="a diffusers pipeline folder")
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--model-name", help="the model id to report (default: the folder's name)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    parser.add_argument("--parent-pid", type=int, help="exit when this process is gone")
+    serving_args(parser, "the folder's name")
     args = parser.parse_args(argv)
-
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args
+
+
+def prepare(args: argparse.Namespace) -> Path | None:
+    """Offline for good, torch's threads set; the pipeline folder, or None
+    (said on stderr) when it is not one."""
     # Never reach for a hub: everything comes from --model-dir.
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -337,11 +365,27 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = args.model_dir.resolve()
     if not (model_dir / "model_index.json").is_file():
         print(f"error: {model_dir} is not a diffusers pipeline folder (no model_index.json)", file=sys.stderr)
+        return None
+    return model_dir
+
+
+def serve(module: str, doc: str | None, load: Callable[[Path], Any],
+          make_app: Callable[[Any, str], web.Application], argv: list[str] | None) -> int:
+    """A diffusers worker's main (the image and the video worker's): options,
+    the pipeline loaded by ``load``, then its app served until stopped."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    args = parse_args(parser, argv)
+    model_dir = prepare(args)
+    if model_dir is None:
         return 2
-    pipeline = ImagePipeline(model_dir)
-    app = create_app(pipeline, args.model_name or model_dir.name)
+    app = make_app(load(model_dir), args.model_name or model_dir.name)
     asyncio.run(run_app(app, args.host, args.port, args.parent_pid))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return serve("modelfleet.workers.images", __doc__, ImagePipeline, create_app, argv)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -137,22 +138,32 @@ def build_tiny_pipeline(path: Path, seed: int = 0) -> Path:
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    return save(pipe, path)
+
+
+def save(pipe: Any, path: Path) -> Path:
+    """Write a pipeline to ``path`` (created if missing) as safetensors."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(path, safe_serialization=True)  # type: ignore[attr-defined]
+    pipe.save_pretrained(path, safe_serialization=True)
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_main(build: Callable[[Path], Path], module: str, argv: list[str] | None) -> int:
+    """``python -m MODULE PATH``: build a tiny pipeline at PATH."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m modelfleet.workers.tinydiffusion PATH", file=sys.stderr)
+        print(f"usage: python -m {module} PATH", file=sys.stderr)
         return 2
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
-    print(build_tiny_pipeline(Path(args[0])))
+    print(build(Path(args[0])))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return build_main(build_tiny_pipeline, "modelfleet.workers.tinydiffusion", argv)
 
 
 if __name__ == "__main__":
