@@ -538,7 +538,8 @@ async def test_usage_of_another_projects_key_is_empty(app: Actors) -> None:
 async def test_plans_put_then_get(app: Actors) -> None:
     admin = app.auth(app.admin)
     body = {"key_rpm": 60, "key_tpm": 10_000, "key_concurrency": 2, "project_rpm": None,
-            "project_tpm": 100_000, "project_concurrency": 8, "priority": 5, "weight": 3}
+            "project_tpm": 100_000, "project_concurrency": 8, "priority": 5, "weight": 3,
+            "batch_discount_pct": 25}
     resp = await app.client.put("/v1/admin/plans/gold", json=body, headers=admin)
     assert resp.status_code == 200, resp.text
     assert resp.json() == {"object": "plan", "name": "gold", **body}
@@ -552,7 +553,8 @@ async def test_plans_put_then_get(app: Actors) -> None:
     resp = await app.client.put("/v1/admin/plans/gold", json={"key_rpm": None}, headers=admin)
     assert resp.json() == {"object": "plan", "name": "gold", "key_rpm": None, "key_tpm": None,
                            "key_concurrency": None, "project_rpm": None, "project_tpm": None,
-                           "project_concurrency": None, "priority": 0, "weight": 1}
+                           "project_concurrency": None, "priority": 0, "weight": 1,
+                           "batch_discount_pct": None}
     # the plan applies to a project put on it
     pid = app.tenant.project_id
     await app.client.patch(f"/v1/admin/projects/{pid}", json={"plan": "gold"}, headers=admin)
@@ -562,7 +564,8 @@ async def test_plans_put_then_get(app: Actors) -> None:
 @pytest.mark.parametrize(("body", "status"), [
     ({"key_rpm": 0}, 400), ({"key_tpm": -1}, 400), ({"weight": 0}, 400),
     ({"project_rpm": 2**40}, 400), ({"key_rpm": 1.5}, 422), ({"key_rpm": "5"}, 422),
-    ({"key_rpm": True}, 422), ({"burst": 5}, 422),
+    ({"key_rpm": True}, 422), ({"burst": 5}, 422), ({"batch_discount_pct": 101}, 400),
+    ({"batch_discount_pct": -1}, 400),
 ])
 async def test_bad_plans_are_refused(app: Actors, body: dict[str, Any], status: int) -> None:
     resp = await app.client.put("/v1/admin/plans/bad", json=body, headers=app.auth(app.admin))

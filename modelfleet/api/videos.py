@@ -27,11 +27,12 @@ from modelfleet.api.http import read_body
 from modelfleet.api.images import _json, accept_job, accepted
 from modelfleet.api.inference import _openapi_body
 from modelfleet.errors import InvalidRequest, NotFound
-from modelfleet.jobs import job_view
+from modelfleet.jobs import JobService, job_view
 from modelfleet.keys import Principal, Scope
 from modelfleet.openai.common import parse_json
 from modelfleet.openai.images import ImageJobRequest, native_job
 from modelfleet.openai.videos import (
+    OPENAI_SIZES,
     OpenAIVideoRequest,
     VideoJobRequest,
     native_video_job,
@@ -48,6 +49,14 @@ STATUS = {JobState.queued: "queued", JobState.running: "in_progress",
           JobState.cancelled: "failed"}
 MP4: dict[int | str, dict[str, Any]] = {200: {"content": {"video/mp4": {
     "schema": {"type": "string", "contentMediaType": "video/mp4"}}}}}
+
+
+def openai_size(row: Job) -> bool:
+    """Whether OpenAI's video object can describe the job: its size is one of
+    OpenAI's VideoSize values (a video made through the native API at another
+    size is read there, at /v1/inference/jobs/{id})."""
+    params = job_view(row, "")["params"]
+    return f"{params.get('width')}x{params.get('height')}" in OPENAI_SIZES
 
 
 def video_view(row: Job, base_url: str) -> dict[str, Any]:
@@ -125,6 +134,20 @@ def _form_number(name: str, value: str) -> Any:
     return value
 
 
+async def _openai_videos(jobs: JobService, principal: Principal, limit: int, after: str | None,
+                         ascending: bool) -> list[Job]:
+    """Up to ``limit + 1`` of the project's videos that OpenAI's object can
+    describe (their size is one of OpenAI's), from ``after`` on."""
+    rows: list[Job] = []
+    cursor, more = after, True
+    while more and len(rows) <= limit:
+        page = await jobs.list(principal, None, limit + 1, job_type="video", after=cursor,
+                               ascending=ascending)
+        rows += [r for r in page if openai_size(r)]
+        more, cursor = len(page) > limit, page[-1].id if page else cursor
+    return rows
+
+
 def router(services: Services) -> APIRouter:
     api = APIRouter()
     jobs = services.jobs
@@ -133,6 +156,10 @@ def router(services: Services) -> APIRouter:
         row = await jobs.get(principal, video_id)
         if row.job_type != "video":
             raise NotFound(f"video {video_id!r} does not exist", code="video_not_found")
+        if not openai_size(row):
+            raise NotFound(f"video {video_id!r} was made through the native API at a size "
+                           "OpenAI's video object cannot name; read it at "
+                           f"/v1/inference/jobs/{video_id}", code="video_not_found")
         return row
 
     @api.post("/v1/inference/video", tags=["videos"], status_code=202,
@@ -168,8 +195,7 @@ def router(services: Services) -> APIRouter:
         principal = await require(services, request, None)
         if not 0 <= limit <= 100:
             raise InvalidRequest("limit must be between 0 and 100", param="limit")
-        rows = await jobs.list(principal, None, limit + 1, job_type="video", after=after,
-                               ascending=order == "asc")
+        rows = await _openai_videos(jobs, principal, limit, after, order == "asc")
         data = [video_view(r, str(request.base_url)) for r in rows[:limit]]
         return _json({"object": "list", "data": data,
                       "first_id": data[0]["id"] if data else None,

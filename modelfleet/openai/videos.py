@@ -24,6 +24,9 @@ from modelfleet.netguard import check_url
 from modelfleet.openai.common import Float, ModelName, Strict, require_kind
 from modelfleet.openai.images import Dimension, Seed, check_prompts
 
+# OpenAI's VideoSize: the only sizes its video object can name.  POST /v1/videos
+# takes these (those the model lists); the native API takes any of the model's.
+OPENAI_SIZES = ("720x1280", "1280x720", "1024x1792", "1792x1024")
 Count = Annotated[int, Field(ge=1, le=100_000)]
 Seconds = Annotated[float, Field(gt=0, le=3600, allow_inf_nan=False)]
 
@@ -160,12 +163,21 @@ def openai_video_job(spec: ModelSpec, body: OpenAIVideoRequest) -> VideoJob:
         raise InvalidRequest("input_reference is not supported yet: videos are made from the "
                              "prompt alone", param="input_reference",
                              code="input_reference_not_supported")
-    width = height = None
-    if body.size is not None:
-        match = re.fullmatch(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})", body.size)
-        if not match:
-            raise InvalidRequest(f"size must look like 768x512, got {body.size!r}", param="size")
-        width, height = int(match.group(1)), int(match.group(2))
+    require_kind(spec, (ModelKind.video,), "this endpoint")
+    offered = [s for s in OPENAI_SIZES if s in spec.limits.sizes]
+    if body.size is not None and body.size not in OPENAI_SIZES:
+        raise InvalidRequest(f"size must be one of OpenAI's video sizes ({', '.join(OPENAI_SIZES)}"
+                             f"), got {body.size!r}; model {spec.id!r} makes "
+                             f"{', '.join(offered) or 'none of them'} here (other sizes: "
+                             "POST /v1/inference/video)", param="size", code="unsupported_size")
+    size = body.size or (offered[0] if offered else None)
+    if size is None:
+        raise InvalidRequest(f"model {spec.id!r} makes none of OpenAI's video sizes; its sizes "
+                             f"({', '.join(spec.limits.sizes)}) are served by POST "
+                             "/v1/inference/video", param="size", code="unsupported_size")
+    match = re.fullmatch(r"([0-9]+)x([0-9]+)", size)
+    assert match is not None
+    width, height = int(match.group(1)), int(match.group(2))
     seconds = None
     if body.seconds is not None:
         try:

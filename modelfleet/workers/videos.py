@@ -94,14 +94,25 @@ class VideoPipeline(images.ImagePipeline):
         temporal = getattr(self.pipe, "vae_temporal_compression_ratio", 1)
         if (req.frames - 1) % temporal:
             raise BadRequest(f"frames must be 1 + a multiple of {temporal} for this model", "frames")
+        for name, side in (("width", req.width), ("height", req.height)):
+            if side % 2:  # H.264 in yuv420p: whole chroma pixels
+                raise BadRequest(f"{name} must be even for an H.264 video", name)
+
+    def render_size(self, width: int, height: int) -> tuple[int, int]:
+        """The size the pipeline renders to make ``width`` x ``height``: each side
+        rounded up to the latent grid (LTX-Video's sides are multiples of 32);
+        the frames are then cropped to the size asked for, centred."""
+        grid = int(getattr(self.pipe, "vae_spatial_compression_ratio", 8))
+        return -(-width // grid) * grid, -(-height // grid) * grid
 
     def run_video(self, req: VideoRequest) -> tuple[str, int]:
         """Runs in the pipeline thread; returns the base64 MP4 and its frame count."""
         import torch
 
+        width, height = self.render_size(req.width, req.height)
         kwargs: dict[str, Any] = {
             "prompt": req.prompt, "negative_prompt": req.negative_prompt or "",
-            "num_frames": req.frames, "width": req.width, "height": req.height,
+            "num_frames": req.frames, "width": width, "height": height,
             "num_inference_steps": req.steps, "guidance_scale": req.guidance,
             "generator": torch.Generator("cpu").manual_seed(req.seed), "output_type": "np",
         }
@@ -109,6 +120,8 @@ class VideoPipeline(images.ImagePipeline):
             kwargs["frame_rate"] = req.fps  # LTX-Video conditions on it
         with torch.inference_mode():
             frames = self.pipe(**kwargs).frames[0]
+        top, left = (height - req.height) // 2, (width - req.width) // 2
+        frames = frames[:, top:top + req.height, left:left + req.width]
         return base64.b64encode(encode_mp4(frames, req.fps)).decode("ascii"), len(frames)
 
 
