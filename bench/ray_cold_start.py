@@ -396,6 +396,8 @@ def main() -> None:
     gws: list[Gateway] = []
     try:
         log("starting the Ray cluster: head (bench_head) + node B (bench_b)")
+        # Ray's Cluster writes its address file to /tmp/ray whatever temp_dir says
+        Path(tempfile.gettempdir(), "ray").mkdir(exist_ok=True)
         cluster = cluster_utils.Cluster(
             initialize_head=True,
             head_node_args={"num_cpus": 4, "resources": {"bench_head": 4},

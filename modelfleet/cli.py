@@ -526,8 +526,9 @@ def plans_list(data_dir: DataDir = None) -> None:
 
 def _print_plans(plans: list[PlanLimits]) -> None:
     headers = ["name", *LIMIT_FIELDS, "priority", "weight", "batch_discount_pct"]
-    _print_rows(headers, [[str(v) if v is not None else "none" for v in p.as_dict().values()]
-                          for p in plans])
+    unset = {"batch_discount_pct": "default"}  # else None is unlimited
+    _print_rows(headers, [[str(v) if v is not None else unset.get(k, "none")
+                           for k, v in p.as_dict().items()] for p in plans])
 
 
 # -- prices -------------------------------------------------------------------------

@@ -215,12 +215,17 @@ def test_plans_set_and_list(store: Path) -> None:
     listing = ok("plans", "list", data_dir=store).stdout.splitlines()
     assert listing[0].split("\t") == ["name", "key_rpm", "key_tpm", "key_concurrency",
                                       "project_rpm", "project_tpm", "project_concurrency",
-                                      "priority", "weight"]
+                                      "priority", "weight", "batch_discount_pct"]
     rows = {line.split("\t")[0]: line.split("\t") for line in listing[1:]}
-    assert rows["gold"] == ["gold", "50", "none", "none", "none", "none", "none", "2", "3"]
+    assert rows["gold"] == ["gold", "50", "none", "none", "none", "none", "none", "2", "3",
+                            "default"]
     assert rows["default"][1] == "1000"
+    ok("plans", "set", "gold", "--batch-discount-pct", "30", data_dir=store)
+    assert sql(store, "SELECT batch_discount_pct FROM plans WHERE name = 'gold'") == [(30,)]
+    ok("plans", "set", "gold", "--batch-discount-pct", "-1", data_dir=store)  # unset
+    assert sql(store, "SELECT batch_discount_pct FROM plans WHERE name = 'gold'") == [(None,)]
     for args in (("--key-rpm", "0"), ("--key-tpm", "-5"), ("--key-rpm", "lots"),
-                 ("--weight", "0")):
+                 ("--weight", "0"), ("--batch-discount-pct", "101")):
         bad = cli("plans", "set", "gold", *args, data_dir=store)
         assert bad.returncode == 2, bad.stderr
     assert sql(store, "SELECT key_rpm, weight FROM plans WHERE name = 'gold'") == [(50, 3)]

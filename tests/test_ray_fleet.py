@@ -155,6 +155,9 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     tmp = tmp_path_factory.mktemp("ray")
     # the cluster's own session folder (short: Ray's socket paths have a length limit)
     ray_tmp = tempfile.mkdtemp(prefix="mfrf", dir="/tmp")
+    # Ray's Cluster writes its address file to the default Ray folder (/tmp/ray),
+    # whatever temp_dir says, and fails if that folder does not exist yet
+    Path(tempfile.gettempdir(), "ray").mkdir(exist_ok=True)
     small = {"object_store_memory": 80 * 1024 * 1024, "temp_dir": ray_tmp}
     cluster = cluster_utils.Cluster(
         initialize_head=True,
