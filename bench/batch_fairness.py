@@ -12,7 +12,7 @@ The bar (issue 14): B's median wait in (2) within 2x its median wait in (1)
 plus one service time (B's median run time in (1)).  Also reported: the
 batch's throughput with B beside it and alone (after B stops).
 
-    .venv/bin/python bench/batch_fairness.py [--lines 600] [--max-tokens 16] [--out FILE]
+    .venv/bin/python bench/batch_fairness.py [--lines 300] [--max-tokens 16] [--out FILE]
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ async def run(args: argparse.Namespace) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--lines", type=int, default=600)
+    ap.add_argument("--lines", type=int, default=300)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--batch-concurrency", type=int, default=16)
     ap.add_argument("--probes", type=int, default=8)
