@@ -222,7 +222,7 @@ class ModelPool:
 
         - below min_replicas: up to it;
         - a request waiting and no replica: one, at once (cold start);
-        - every slot busy and requests waiting for ``scale_up_after_s``: one
+        - every slot busy and interactive requests waiting for ``scale_up_after_s``: one
           more, up to what demand needs and max_replicas;
         - down: idle replicas are stopped by ``reap_idle``.
         """
@@ -239,7 +239,9 @@ class ModelPool:
             self._set_desired(scaling.min_replicas, "min_replicas")
         elif demand and self.desired == 0:
             self._set_desired(1, "request waiting for a sleeping model")
-        pressure = ((self.waiting() > 0 and self.free_replica() is None)
+        # pressure is interactive requests waiting with every slot busy: queued
+        # background work (batch lines) never adds a replica, it fills idle ones
+        pressure = ((self.interactive_waiting() > 0 and self.free_replica() is None)
                     or self.remote.pressed)
         if not pressure:
             self._pressure_since = None

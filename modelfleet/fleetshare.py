@@ -485,7 +485,8 @@ def demand_of(pool: ModelPool) -> ModelDemand | None:
     if not waiting and not used:
         return None
     return ModelDemand(waiting=waiting, in_flight=sum(r.outstanding for r in pool.replicas),
-                       pressed=waiting > 0 and pool.free_replica() is None, replicas=used)
+                       pressed=pool.interactive_waiting() > 0 and pool.free_replica() is None,
+                       replicas=used)
 
 
 def _events_signature(pools: Iterable[ModelPool]) -> str:

@@ -44,6 +44,7 @@ class Rig:
         for pool in self.fleet.pools.values():
             pool.availability = lambda: (True, None)  # type: ignore[method-assign]
             pool.waiting = (lambda p=pool: self.waiting[p.spec.id])  # type: ignore[misc]
+            pool.interactive_waiting = pool.waiting  # every simulated request is interactive
             pool.demand = (lambda p=pool: self.waiting[p.spec.id]  # type: ignore[misc]
                            + sum(r.outstanding for r in p.replicas))
             pool._launch = (lambda p=pool: self.add(p))  # type: ignore[method-assign]
@@ -92,6 +93,25 @@ def test_scale_from_zero_at_once_then_up_only_after_sustained_queueing(tmp_path:
     assert all("queue sustained" in r for r in reasons[1:])
     assert [(e.from_replicas, e.to_replicas) for e in pool.events] == [(0, 1), (1, 2), (2, 3)]
     assert pool.events[1].at == pytest.approx(1005.1)
+
+
+def test_queued_batch_lines_wake_a_model_but_never_add_replicas(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, [spec("m")])
+    pool = rig.pool("m")
+    pool.interactive_waiting = lambda: 0  # what waits is background work only
+    rig.waiting["m"] = 40
+    pool.scale_for_demand()
+    assert pool.desired == 1 and len(pool.replicas) == 1  # woken: one replica
+    pool.replicas[0].outstanding = 2  # every slot busy, 40 lines queued
+    for _ in range(5):
+        rig.clock.now += 10
+        rig.fleet.tick()
+    assert pool.desired == 1 and len(pool.replicas) == 1
+    pool.interactive_waiting = lambda: 1  # an interactive request waits too: pressure
+    pool.scale_for_demand()
+    rig.clock.now += 5.1
+    rig.fleet.tick()
+    assert pool.desired == 2
 
 
 def test_no_scale_up_while_queue_drains(tmp_path: Path) -> None:

@@ -187,6 +187,7 @@ class Gateway:
         self.launched: list[Replica] = []
         self.took_over = self.stepped_down = 0
         self.pool.waiting = lambda: self.queued  # type: ignore[method-assign]
+        self.pool.interactive_waiting = self.pool.waiting  # the queued requests are interactive
         self.pool.demand = lambda: (self.queued  # type: ignore[method-assign]
                                     + sum(r.outstanding for r in self.pool.replicas))
         self.pool.availability = lambda: (True, None)  # type: ignore[method-assign]
