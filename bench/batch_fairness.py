@@ -30,7 +30,7 @@ import httpx
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fairness import MODEL, create_key, send, topup, trickle, usage
+from fairness import MODEL, create_key, emit, fairness_bar, send, topup, trickle, usage
 from metering import Server  # the same server harness
 
 
@@ -97,12 +97,11 @@ async def run(args: argparse.Namespace) -> str:
         mixed = usage(db, mixed_ids)
     finally:
         server.stop()
-    b_idle_wait = statistics.median(w for w, _ in idle)
-    b_service = statistics.median(r for _, r in idle)
-    b_mixed_wait = statistics.median(w for w, _ in mixed)
+    bar = fairness_bar(idle, mixed)
+    b_idle_wait, b_service, b_mixed_wait, bound = (
+        bar["idle_wait"], bar["service"], bar["mixed_wait"], bar["bound"])
     b_mixed_p95 = sorted(w for w, _ in mixed)[int(0.95 * (len(mixed) - 1))]
     b_mixed_run = statistics.median(r for _, r in mixed)
-    bound = 2 * b_idle_wait + b_service
     after = args.lines - during
     rate_during = during / t_during
     rate_after = after / max(t_total - t_during, 1e-9) if after else float("nan")
@@ -138,10 +137,7 @@ def main() -> None:
     ap.add_argument("--mixed-probes", type=int, default=15)
     ap.add_argument("--out")
     args = ap.parse_args()
-    text = asyncio.run(run(args))
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(asyncio.run(run(args)), args.out)
 
 
 if __name__ == "__main__":

@@ -94,6 +94,25 @@ def usage(db: Path, ids: list[str]) -> list[tuple[int, int]]:
         time.sleep(0.2)
 
 
+def medians(rows: list[tuple[int, int]]) -> tuple[float, float]:
+    """(median wait, median run time) in ms of usage rows (wait_ms, run_ms)."""
+    return statistics.median(w for w, _ in rows), statistics.median(r for _, r in rows)
+
+
+def fairness_bar(idle: list[tuple[int, int]], mixed: list[tuple[int, int]]) -> dict[str, float]:
+    """B's waits and the bar: its median wait beside the other load within 2x
+    its idle median wait plus one idle service time."""
+    idle_wait, service = medians(idle)
+    return {"idle_wait": idle_wait, "service": service, "mixed_wait": medians(mixed)[0],
+            "bound": 2 * idle_wait + service}
+
+
+def emit(text: str, out: str | None) -> None:
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")
+
+
 async def run(args: argparse.Namespace) -> str:
     server = Server(True)
     data = Path(server.tmp.name) / "data"
@@ -119,13 +138,11 @@ async def run(args: argparse.Namespace) -> str:
         a_rows = usage(db, a_mixed)
     finally:
         server.stop()
-    b_idle_wait = statistics.median(w for w, _ in idle)
-    b_service = statistics.median(r for _, r in idle)
-    b_mixed_wait = statistics.median(w for w, _ in mixed)
-    bound = 2 * b_idle_wait + b_service
+    bar = fairness_bar(idle, mixed)
+    b_idle_wait, b_service, b_mixed_wait, bound = (
+        bar["idle_wait"], bar["service"], bar["mixed_wait"], bar["bound"])
     tput_alone, tput_mixed = args.flood / t_alone, args.flood / t_mixed
-    a_wait = statistics.median(w for w, _ in a_rows)
-    a_service = statistics.median(r for _, r in a_rows)
+    a_wait, a_service = medians(a_rows)
     loaded_bound = 2 * b_idle_wait + a_service
     lines = [
         f"A floods {args.flood} requests (max_tokens {args.max_tokens}"
@@ -163,10 +180,7 @@ def main() -> None:
     args = ap.parse_args()
     global VARY
     VARY = args.vary
-    text = asyncio.run(run(args))
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(asyncio.run(run(args)), args.out)
 
 
 if __name__ == "__main__":
